@@ -1,0 +1,176 @@
+"""The condition language: one definition, used by branches, ``where`` filters and goals.
+
+This module holds the definition and the Python evaluator (one contact, one event).
+The SQL compiler for segments evaluates the same definition and must agree with it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+Operator = Literal[
+    "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in",
+    "contains", "starts_with", "exists", "not_exists",
+]  # fmt: skip
+
+# Contact fields a condition can name directly; any other name is a custom attribute.
+CONTACT_FIELDS = (
+    "email", "phone", "external_id", "timezone", "lifecycle_stage", "score", "tags",
+)  # fmt: skip
+
+_MISSING: Any = object()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Comparison(_Strict):
+    op: Operator = "eq"
+    value: Any = None
+
+    @model_validator(mode="after")
+    def _value_fits_operator(self) -> _Comparison:
+        if self.op in ("in", "not_in") and not isinstance(self.value, list):
+            raise ValueError(f"operator {self.op!r} needs a list value")
+        if self.op not in ("exists", "not_exists") and self.value is None:
+            raise ValueError(f"operator {self.op!r} needs a value")
+        return self
+
+
+class AttrCondition(_Comparison):
+    """A contact attribute compared with a value."""
+
+    attr: str = Field(min_length=1)
+
+
+class PropCondition(_Comparison):
+    """A property of the event at hand compared with a value."""
+
+    prop: str = Field(min_length=1)
+
+
+class ScoreCondition(_Strict):
+    score_gte: int
+
+
+class AllCondition(_Strict):
+    all: list[Condition] = Field(min_length=1)
+
+
+class AnyCondition(_Strict):
+    any: list[Condition] = Field(min_length=1)
+
+
+class NotCondition(_Strict):
+    not_: Condition = Field(alias="not")
+
+
+_KINDS = ("all", "any", "not", "attr", "prop", "score_gte")
+
+
+def _condition_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(by_alias=True)
+    if isinstance(value, dict):
+        for kind in _KINDS:
+            if kind in value:
+                return kind
+    return None
+
+
+Condition = Annotated[
+    Annotated[AllCondition, Tag("all")]
+    | Annotated[AnyCondition, Tag("any")]
+    | Annotated[NotCondition, Tag("not")]
+    | Annotated[AttrCondition, Tag("attr")]
+    | Annotated[PropCondition, Tag("prop")]
+    | Annotated[ScoreCondition, Tag("score_gte")],
+    Discriminator(
+        _condition_kind,
+        custom_error_type="unknown_condition",
+        custom_error_message="a condition needs one of: " + ", ".join(_KINDS),
+    ),
+]
+
+AllCondition.model_rebuild()
+AnyCondition.model_rebuild()
+NotCondition.model_rebuild()
+
+
+def contact_value(contact: dict[str, Any], name: str) -> Any:
+    """The value a condition sees for ``name`` on a contact (``_MISSING`` when absent)."""
+    if name in CONTACT_FIELDS:
+        value = contact.get(name)
+    else:
+        value = (contact.get("attributes") or {}).get(name, _MISSING)
+    return _MISSING if value is None else value
+
+
+def _compare(op: str, actual: Any, expected: Any) -> bool:
+    try:
+        match op:
+            case "eq":
+                return bool(actual == expected)
+            case "ne":
+                return bool(actual != expected)
+            case "gt":
+                return bool(actual > expected)
+            case "gte":
+                return bool(actual >= expected)
+            case "lt":
+                return bool(actual < expected)
+            case "lte":
+                return bool(actual <= expected)
+            case "in":
+                return actual in expected
+            case "not_in":
+                return actual not in expected
+            case "contains":
+                return isinstance(actual, str) and isinstance(expected, str) and expected in actual
+            case "starts_with":
+                return (
+                    isinstance(actual, str)
+                    and isinstance(expected, str)
+                    and actual.startswith(expected)
+                )
+    except TypeError:
+        return False
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def _holds(op: str, actual: Any, expected: Any) -> bool:
+    if op == "exists":
+        return actual is not _MISSING
+    if op == "not_exists":
+        return actual is _MISSING
+    if actual is _MISSING:
+        return op in ("ne", "not_in")
+    if isinstance(actual, list):
+        # On a list, a comparison holds when any element satisfies it.
+        return any(_compare(op, item, expected) for item in actual)
+    return _compare(op, actual, expected)
+
+
+def evaluate(
+    condition: Condition, contact: dict[str, Any], event: dict[str, Any] | None = None
+) -> bool:
+    """Evaluate a condition for one contact (and the event at hand, for ``prop``)."""
+    match condition:
+        case AllCondition():
+            return all(evaluate(c, contact, event) for c in condition.all)
+        case AnyCondition():
+            return any(evaluate(c, contact, event) for c in condition.any)
+        case NotCondition():
+            return not evaluate(condition.not_, contact, event)
+        case AttrCondition():
+            return _holds(condition.op, contact_value(contact, condition.attr), condition.value)
+        case PropCondition():
+            properties = (event or {}).get("properties") or {}
+            actual = properties.get(condition.prop, _MISSING)
+            return _holds(condition.op, _MISSING if actual is None else actual, condition.value)
+        case ScoreCondition():
+            return int(contact.get("score") or 0) >= condition.score_gte
+    raise TypeError(f"not a condition: {condition!r}")

@@ -1,0 +1,289 @@
+"""Database tables (PostgreSQL only). Every timestamp is timezone-aware (timestamptz)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(nullable: bool = True, default_now: bool = False, index: bool = False) -> Any:
+    return Field(
+        default_factory=utcnow if default_now else None,  # type: ignore[arg-type]
+        sa_type=sa.DateTime(timezone=True),  # type: ignore[call-overload]
+        nullable=nullable,
+        index=index,
+    )
+
+
+def _jsonb() -> Any:
+    return Field(default_factory=dict, sa_type=JSONB, nullable=False)  # type: ignore[call-overload]
+
+
+class SubscriptionStatus(StrEnum):
+    subscribed = "subscribed"
+    unsubscribed = "unsubscribed"
+    bounced = "bounced"
+    complained = "complained"
+
+
+class Contact(SQLModel, table=True):
+    __tablename__ = "contacts"
+    __table_args__ = (
+        sa.Index("uq_contacts_email", "email", unique=True, postgresql_where=sa.text("email IS NOT NULL")),
+        sa.Index(
+            "uq_contacts_external_id",
+            "external_id",
+            unique=True,
+            postgresql_where=sa.text("external_id IS NOT NULL"),
+        ),
+        sa.Index("ix_contacts_phone", "phone"),
+        sa.Index("ix_contacts_attributes", "attributes", postgresql_using="gin"),
+        sa.Index("ix_contacts_tags", "tags", postgresql_using="gin"),
+        sa.Index("ix_contacts_score", "score"),
+        sa.Index("ix_contacts_lifecycle_stage", "lifecycle_stage"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    email: str | None = Field(default=None, max_length=320)  # stored lower-cased
+    phone: str | None = Field(default=None, max_length=32)  # E.164
+    external_id: str | None = Field(default=None, max_length=200)
+    anonymous_id: str | None = Field(default=None, max_length=200, index=True)
+    attributes: dict[str, Any] = _jsonb()
+    timezone: str | None = Field(default=None, max_length=64)
+    lifecycle_stage: str = Field(default="subscriber", max_length=32)
+    score: int = 0
+    tags: list[str] = Field(
+        default_factory=list,
+        sa_type=ARRAY(sa.Text),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    email_status: SubscriptionStatus = Field(
+        default=SubscriptionStatus.subscribed,
+        sa_type=sa.String(16),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    sms_status: SubscriptionStatus = Field(
+        default=SubscriptionStatus.subscribed,
+        sa_type=sa.String(16),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+    erased_at: datetime | None = _ts()
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (
+        sa.Index("ix_events_contact_name_time", "contact_id", "name", "occurred_at"),
+        sa.Index("ix_events_name_time", "name", "occurred_at"),
+        sa.Index(
+            "ix_events_undelivered",
+            "received_at",
+            postgresql_where=sa.text("delivered_at IS NULL"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    idempotency_id: str = Field(max_length=200, unique=True)
+    contact_id: uuid.UUID | None = Field(default=None, foreign_key="contacts.id", ondelete="SET NULL")
+    name: str = Field(max_length=200)
+    properties: dict[str, Any] = _jsonb()
+    occurred_at: datetime = _ts(nullable=False, default_now=True)
+    received_at: datetime = _ts(nullable=False, default_now=True)
+    source: str = Field(default="api", max_length=32)
+    delivered_at: datetime | None = _ts()
+
+
+class TemplateChannel(StrEnum):
+    email = "email"
+    sms = "sms"
+
+
+class Template(SQLModel, table=True):
+    __tablename__ = "templates"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    key: str = Field(max_length=64, unique=True)
+    channel: TemplateChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    subject: str | None = None
+    html: str | None = None
+    text: str | None = None
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class JourneyStatus(StrEnum):
+    draft = "draft"
+    active = "active"
+    paused = "paused"
+    stopped = "stopped"
+
+
+class Journey(SQLModel, table=True):
+    __tablename__ = "journeys"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    key: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    status: JourneyStatus = Field(
+        default=JourneyStatus.draft,
+        sa_type=sa.String(16),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    draft: dict[str, Any] = _jsonb()
+    current_version: int | None = None
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class JourneyVersion(SQLModel, table=True):
+    """An immutable published journey document; enrollments stay on the one they began with."""
+
+    __tablename__ = "journey_versions"
+    __table_args__ = (sa.UniqueConstraint("journey_id", "version", name="uq_journey_versions"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    journey_id: uuid.UUID = Field(foreign_key="journeys.id", ondelete="CASCADE")
+    version: int
+    document: dict[str, Any] = _jsonb()
+    published_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class EnrollmentStatus(StrEnum):
+    active = "active"
+    completed = "completed"
+    exited = "exited"
+    failed = "failed"
+
+
+class Enrollment(SQLModel, table=True):
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        # Promise 1: at most one active run per (journey, contact, key value).
+        sa.Index(
+            "uq_enrollments_active",
+            "journey_id",
+            "contact_id",
+            "run_key",
+            unique=True,
+            postgresql_where=sa.text("status = 'active'"),
+        ),
+        sa.Index("ix_enrollments_contact_status", "contact_id", "status"),
+        sa.Index("ix_enrollments_journey_status", "journey_id", "status"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    journey_id: uuid.UUID = Field(foreign_key="journeys.id")
+    journey_version_id: uuid.UUID = Field(foreign_key="journey_versions.id")
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
+    run_key: str = Field(default="", max_length=200)
+    workflow_id: str = Field(max_length=400, index=True)
+    status: EnrollmentStatus = Field(
+        default=EnrollmentStatus.active,
+        sa_type=sa.String(16),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    variant: str | None = Field(default=None, max_length=64)
+    exit_reason: str | None = Field(default=None, max_length=200)
+    trigger_event_id: uuid.UUID | None = None
+    started_at: datetime = _ts(nullable=False, default_now=True)
+    ended_at: datetime | None = _ts()
+
+
+class MessageChannel(StrEnum):
+    email = "email"
+    sms = "sms"
+
+
+class MessageStatus(StrEnum):
+    pending = "pending"  # row written, provider not yet confirmed
+    sent = "sent"
+    delivered = "delivered"
+    opened = "opened"
+    clicked = "clicked"
+    bounced = "bounced"
+    complained = "complained"
+    unsubscribed = "unsubscribed"
+    failed = "failed"
+    skipped = "skipped"  # suppressed or otherwise not sent, with skip_reason
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "messages"
+    __table_args__ = (
+        sa.Index("ix_messages_contact_created", "contact_id", "created_at"),
+        sa.Index("ix_messages_journey_step", "journey_id", "step_id", "status"),
+        sa.Index(
+            "uq_messages_provider_id",
+            "provider",
+            "provider_message_id",
+            unique=True,
+            postgresql_where=sa.text("provider_message_id IS NOT NULL"),
+        ),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    # Business key made in the workflow (enrollment, step, visit): one send per key, ever.
+    idempotency_key: str = Field(max_length=400, unique=True)
+    contact_id: uuid.UUID | None = Field(default=None, foreign_key="contacts.id", ondelete="SET NULL")
+    enrollment_id: uuid.UUID | None = Field(
+        default=None, foreign_key="enrollments.id", ondelete="SET NULL", index=True
+    )
+    journey_id: uuid.UUID | None = Field(default=None, foreign_key="journeys.id")
+    step_id: str | None = Field(default=None, max_length=64)
+    variant: str | None = Field(default=None, max_length=64)
+    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    template_key: str | None = Field(default=None, max_length=64)
+    to_address: str | None = Field(default=None, max_length=320)
+    subject: str | None = None
+    provider: str = Field(max_length=32)
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    status: MessageStatus = Field(
+        default=MessageStatus.pending,
+        sa_type=sa.String(16),  # type: ignore[call-overload]
+        nullable=False,
+    )
+    skip_reason: str | None = Field(default=None, max_length=200)
+    error: str | None = None
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    sent_at: datetime | None = _ts()
+    delivered_at: datetime | None = _ts()
+    opened_at: datetime | None = _ts()
+    clicked_at: datetime | None = _ts()
+    bounced_at: datetime | None = _ts()
+    complained_at: datetime | None = _ts()
+    unsubscribed_at: datetime | None = _ts()
+    failed_at: datetime | None = _ts()
+
+
+class SuppressionReason(StrEnum):
+    unsubscribed = "unsubscribed"
+    bounced = "bounced"
+    complained = "complained"
+    sms_opt_out = "sms_opt_out"
+    manual = "manual"
+
+
+class Suppression(SQLModel, table=True):
+    """An address no message may go to on a channel, checked by the send activity."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (sa.UniqueConstraint("channel", "address", name="uq_suppressions"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    address: str = Field(max_length=320)  # lower-cased email or E.164 phone
+    reason: SuppressionReason = Field(sa_type=sa.String(16), nullable=False)  # type: ignore[call-overload]
+    source: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False, default_now=True)

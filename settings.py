@@ -1,0 +1,82 @@
+"""Nurture's settings: one class, read from the environment (prefix ``NURTURE_``)."""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NURTURE_", env_file=None, extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). "
+        "Unset: the run command starts an embedded PostgreSQL in data_dir.",
+    )
+    data_dir: Path = Field(
+        default=PROJECT_DIR / ".nurture",
+        description="Where the development defaults keep their state (embedded PostgreSQL, "
+        "Temporal dev server database, outbox).",
+    )
+    temporal_address: str = Field(default="127.0.0.1:7233", description="Temporal frontend host:port.")
+    temporal_namespace: str = Field(default="default", description="Temporal namespace.")
+    task_queue: str = Field(default="nurture-journeys", description="Task queue of journey workers.")
+    temporal_ui_url: str = Field(
+        default="http://127.0.0.1:8233", description="Temporal UI base URL, for links."
+    )
+    api_key: str | None = Field(
+        default=None,
+        description="Key required on /v1 (Authorization: Bearer <key> or X-API-Key). "
+        "Unset: the run command generates one and prints it.",
+    )
+    api_host: str = Field(default="127.0.0.1", description="Address the API listens on.")
+    api_port: int = Field(default=8000, description="Port the API listens on.")
+    public_url: str = Field(
+        default="http://127.0.0.1:8000", description="Public base URL of the API (links in mail)."
+    )
+    outbox_dir: Path | None = Field(
+        default=None, description="Local outbox directory. Unset: <data_dir>/outbox."
+    )
+    email_provider: str = Field(
+        default="outbox", description="Email provider: outbox (local files and table)."
+    )
+    email_from: str = Field(
+        default="Nurture <hello@nurture.localhost>", description="From address of emails."
+    )
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.outbox_dir or self.data_dir / "outbox"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in SQLAlchemy's psycopg 3 form."""
+        if not self.database_url:
+            raise RuntimeError(
+                "NURTURE_DATABASE_URL is not set; the run command sets it after starting "
+                "the embedded PostgreSQL"
+            )
+        return to_sqlalchemy_url(self.database_url)
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url!r} (PostgreSQL is the only supported database)")
+
+
+def generate_api_key() -> str:
+    return "nk_" + secrets.token_urlsafe(24)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
