@@ -1,0 +1,59 @@
+"""The Nurture worker: runs journey workflows and their activities on one task queue.
+
+Start as many as you like, on as many hosts as you like; they share the task queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.contacts import ContactActivities
+from activities.email import EmailActivities
+from activities.enrollments import EnrollmentActivities
+from settings import Settings, get_settings
+from workflows.journey import JourneyWorkflow
+
+WORKFLOWS = [JourneyWorkflow]
+
+
+def build_activities(settings: Settings) -> list[object]:
+    """Every activity the journeys call, bound to these settings."""
+    contacts = ContactActivities(settings.database_url)
+    email = EmailActivities(settings)
+    enrollments = EnrollmentActivities(settings.database_url)
+    return [contacts.load_contact, email.send_email, enrollments.finish_enrollment]
+
+
+def build_worker(client: Client, settings: Settings, task_queue: str | None = None) -> Worker:
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=build_activities(settings),
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )
+
+
+async def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    settings = get_settings()
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    worker = build_worker(client, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.info("worker polling task queue %s on %s", settings.task_queue, settings.temporal_address)
+    async with worker:
+        await stop.wait()
+    logging.info("worker stopped")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,81 @@
+"""Template rendering: Jinja2 in an immutable sandbox, autoescaped HTML, forgiving of gaps.
+
+A missing field renders empty (or the template's ``default(...)``), never ``None``,
+and never raises: marketers' data is incomplete and a send must not crash on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import ChainableUndefined, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def _finalize(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        autoescape=autoescape,
+        undefined=ChainableUndefined,
+        finalize=_finalize,
+        keep_trailing_newline=True,
+    )
+
+
+_HTML = _environment(autoescape=True)
+_PLAIN = _environment(autoescape=False)
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled, with the part and line that is wrong."""
+
+
+def check_template(part: str, source: str | None, *, html: bool = False) -> None:
+    """Compile a template part at save time, so broken templates never reach a send."""
+    if not source:
+        return
+    try:
+        (_HTML if html else _PLAIN).parse(source)
+    except TemplateSyntaxError as err:
+        raise TemplateError(f"{part}: line {err.lineno}: {err.message}") from None
+
+
+@dataclass
+class RenderedEmail:
+    subject: str
+    html: str | None
+    text: str | None
+
+
+def render_context(
+    contact: dict[str, Any], journey: dict[str, Any] | None, trigger: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What templates see: the contact (attributes also at top level), journey and trigger."""
+    attributes = contact.get("attributes") or {}
+    merged = {**attributes, **{k: v for k, v in contact.items() if k != "attributes"}}
+    merged["attributes"] = attributes
+    return {"contact": merged, "journey": journey or {}, "trigger": trigger or {}}
+
+
+def _render(source: str | None, context: dict[str, Any], *, html: bool) -> str | None:
+    if source is None:
+        return None
+    env = _HTML if html else _PLAIN
+    try:
+        return env.from_string(source).render(context)
+    except Exception as err:  # noqa: BLE001 - a runtime template error must not crash a send
+        raise TemplateError(f"template failed to render: {err}") from None
+
+
+def render_email(
+    subject: str | None, html: str | None, text: str | None, context: dict[str, Any]
+) -> RenderedEmail:
+    return RenderedEmail(
+        subject=" ".join((_render(subject or "", context, html=False) or "").split()),
+        html=_render(html, context, html=True),
+        text=_render(text, context, html=False),
+    )

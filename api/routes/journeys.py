@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import yaml
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from fastapi.responses import JSONResponse
+from sqlmodel import col, func, select
+
+from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.routes.enrollments import enrollment_public
+from api.schemas import EnrollIn, EnrollResult, JourneyPublic, JourneyVersionPublic
+from api.services import enroll, find_contact, get_journey
+from models.journey import KEY_PATTERN, JourneyDocument, JourneyValidationError, parse_journey
+from models.tables import Journey, JourneyStatus, JourneyVersion, Template, utcnow
+
+router = APIRouter(prefix="/journeys", tags=["journeys"])
+
+JourneyKey = Annotated[str, Path(pattern=KEY_PATTERN, description="Journey key, [a-z0-9-].")]
+
+_DOCUMENT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A journey document, as JSON or YAML (Content-Type: application/yaml).",
+        "content": {
+            "application/json": {"schema": JourneyDocument.model_json_schema(by_alias=True)},
+            "application/yaml": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+def invalid(problems: list[dict[str, Any]]) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        {"message": "the journey document is invalid", "errors": problems},
+    )
+
+
+async def read_document(request: Request) -> tuple[dict[str, Any], JourneyDocument]:
+    """Decode a JSON or YAML body and validate it as a journey document."""
+    raw_body = await request.body()
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    try:
+        if content_type in ("application/yaml", "application/x-yaml", "text/yaml"):
+            raw = yaml.safe_load(raw_body.decode("utf-8"))
+        elif content_type == "application/json":
+            raw = json.loads(raw_body)
+        else:
+            raise HTTPException(
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                f"send the journey as application/json or application/yaml, not {content_type}",
+            )
+    except (ValueError, yaml.YAMLError) as err:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"the body is not valid {content_type}: {err}"
+        ) from None
+    try:
+        document = parse_journey(raw)
+    except JourneyValidationError as err:
+        raise invalid(err.problems) from None
+    return document.model_dump(by_alias=True, exclude_none=True, mode="json"), document
+
+
+def public(journey: Journey) -> JourneyPublic:
+    return JourneyPublic.model_validate(journey, from_attributes=True)
+
+
+@router.post("", response_model=JourneyPublic, status_code=status.HTTP_201_CREATED, openapi_extra=_DOCUMENT_BODY)
+async def create_journey(request: Request, session: SessionDep) -> JourneyPublic:
+    """Save a new journey as a draft (validated: errors name the step and field)."""
+    raw, document = await read_document(request)
+    if (await session.exec(select(Journey).where(Journey.key == document.key))).first():
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"journey {document.key!r} exists: PUT /v1/journeys/{document.key} to change its draft",
+        )
+    journey = Journey(key=document.key, name=document.name, draft=raw)
+    session.add(journey)
+    await session.flush()
+    return public(journey)
+
+
+@router.put("/{key}", response_model=JourneyPublic, openapi_extra=_DOCUMENT_BODY)
+async def update_draft(key: JourneyKey, request: Request, session: SessionDep) -> JourneyPublic:
+    """Replace a journey's draft; published versions never change."""
+    raw, document = await read_document(request)
+    if document.key != key:
+        raise invalid([{"step": None, "field": "key", "message": f"key: {document.key!r} does not match the URL's {key!r}"}])
+    journey = await get_journey(session, key)
+    journey.draft, journey.name, journey.updated_at = raw, document.name, utcnow()
+    session.add(journey)
+    await session.flush()
+    return public(journey)
+
+
+@router.post("/validate", openapi_extra=_DOCUMENT_BODY)
+async def validate_journey(request: Request, session: SessionDep) -> JSONResponse:
+    """Check a document without saving it (templates it names must exist)."""
+    _, document = await read_document(request)
+    await _check_templates(session, document)
+    return JSONResponse({"valid": True, "key": document.key})
+
+
+@router.get("", response_model=list[JourneyPublic])
+async def list_journeys(session: SessionDep) -> list[JourneyPublic]:
+    rows = (await session.exec(select(Journey).order_by(col(Journey.key)))).all()
+    return [public(j) for j in rows]
+
+
+@router.get("/{key}", response_model=JourneyPublic)
+async def get_journey_route(key: JourneyKey, session: SessionDep) -> JourneyPublic:
+    return public(await get_journey(session, key))
+
+
+@router.post("/{key}/publish", response_model=JourneyVersionPublic, status_code=status.HTTP_201_CREATED)
+async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersionPublic:
+    """Publish the draft as a new immutable version and make the journey active."""
+    journey = await get_journey(session, key)
+    await session.refresh(journey, with_for_update=True)
+    document = parse_journey(journey.draft)
+    await _check_templates(session, document)
+    latest = (
+        await session.exec(
+            select(func.max(JourneyVersion.version)).where(JourneyVersion.journey_id == journey.id)
+        )
+    ).one()
+    version = JourneyVersion(journey_id=journey.id, version=(latest or 0) + 1, document=journey.draft)
+    journey.current_version = version.version
+    journey.status = JourneyStatus.active
+    journey.updated_at = utcnow()
+    session.add(version)
+    session.add(journey)
+    await session.flush()
+    return JourneyVersionPublic(
+        key=journey.key, version=version.version, document=version.document, published_at=version.published_at
+    )
+
+
+@router.get("/{key}/versions/{version}", response_model=JourneyVersionPublic)
+async def get_version(key: JourneyKey, version: int, session: SessionDep) -> JourneyVersionPublic:
+    journey = await get_journey(session, key)
+    row = (
+        await session.exec(
+            select(JourneyVersion)
+            .where(JourneyVersion.journey_id == journey.id)
+            .where(JourneyVersion.version == version)
+        )
+    ).first()
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"journey {key!r} has no version {version}")
+    return JourneyVersionPublic(key=key, version=row.version, document=row.document, published_at=row.published_at)
+
+
+@router.post("/{key}/enrollments", response_model=EnrollResult)
+async def enroll_contact(
+    key: JourneyKey,
+    body: EnrollIn,
+    session: SessionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    response: Response,
+) -> EnrollResult:
+    """Enroll one contact; enrolling again returns the same enrollment (200, created false)."""
+    journey = await get_journey(session, key)
+    contact = await find_contact(session, body)
+    enrollment, created = await enroll(session, temporal, settings, journey, contact, body.trigger)
+    response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return EnrollResult(
+        created=created, enrollment=await enrollment_public(session, settings, enrollment)
+    )
+
+
+async def _check_templates(session: SessionDep, document: JourneyDocument) -> None:
+    needed = document.templates()
+    if not needed:
+        return
+    found = set(
+        (await session.exec(select(Template.key).where(col(Template.key).in_(needed)))).all()
+    )
+    problems = [
+        {
+            "step": step.id,
+            "field": "template",
+            "message": f"step {step.id!r} template: no template with key {step.template!r}",
+        }
+        for step in document.steps
+        if getattr(step, "template", None) is not None and step.template not in found  # type: ignore[union-attr]
+    ]
+    if problems:
+        raise invalid(problems)

