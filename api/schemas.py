@@ -6,10 +6,11 @@ import re
 import uuid
 from datetime import datetime
 from typing import Any
-from zoneinfo import available_timezones
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from models.journey import KNOWN_TIMEZONES
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -78,7 +79,7 @@ class ContactUpsert(_Body):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in available_timezones():
+        if value is not None and value not in KNOWN_TIMEZONES:
             raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
         return value
 

@@ -23,6 +23,8 @@ from models.durations import parse_duration
 
 KEY_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 STEP_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Read once at import: inside the workflow sandbox the zone database is not listable.
+KNOWN_TIMEZONES = frozenset(available_timezones())
 
 
 class _Doc(BaseModel):
@@ -129,7 +131,7 @@ class JourneyDocument(_Doc):
     @field_validator("default_timezone")
     @classmethod
     def _known_zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in available_timezones():
+        if value is not None and value not in KNOWN_TIMEZONES:
             raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
         return value
 
