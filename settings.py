@@ -25,9 +25,13 @@ class Settings(BaseSettings):
         description="Where the development defaults keep their state (embedded PostgreSQL, "
         "Temporal dev server database, outbox).",
     )
-    temporal_address: str = Field(default="127.0.0.1:7233", description="Temporal frontend host:port.")
+    temporal_address: str = Field(
+        default="127.0.0.1:7233", description="Temporal frontend host:port."
+    )
     temporal_namespace: str = Field(default="default", description="Temporal namespace.")
-    task_queue: str = Field(default="nurture-journeys", description="Task queue of journey workers.")
+    task_queue: str = Field(
+        default="nurture-journeys", description="Task queue of journey workers."
+    )
     temporal_ui_url: str = Field(
         default="http://127.0.0.1:8233", description="Temporal UI base URL, for links."
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -22,7 +24,7 @@ from workflows.journey import JourneyWorkflow
 WORKFLOWS = [JourneyWorkflow]
 
 
-def build_activities(settings: Settings) -> list[object]:
+def build_activities(settings: Settings) -> list[Callable[..., Any]]:
     """Every activity the journeys call, bound to these settings."""
     contacts = ContactActivities(settings.database_url)
     email = EmailActivities(settings)
@@ -49,7 +51,9 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    logging.info("worker polling task queue %s on %s", settings.task_queue, settings.temporal_address)
+    logging.info(
+        "worker polling task queue %s on %s", settings.task_queue, settings.temporal_address
+    )
     async with worker:
         await stop.wait()
     logging.info("worker stopped")

@@ -119,7 +119,9 @@ class EmailActivities:
             "failed_at": utcnow() if status == MessageStatus.failed else None,
         }
         await session.exec(
-            insert(Message).values(**values).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            insert(Message)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
         )
         await session.commit()
         message = await _message_by_key(session, input.idempotency_key)

@@ -67,7 +67,7 @@ def _render(source: str | None, context: dict[str, Any], *, html: bool) -> str |
     env = _HTML if html else _PLAIN
     try:
         return env.from_string(source).render(context)
-    except Exception as err:  # noqa: BLE001 - a runtime template error must not crash a send
+    except Exception as err:
         raise TemplateError(f"template failed to render: {err}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -123,9 +124,9 @@ async def enroll(
             await _start_workflow(temporal, settings, journey, version, existing, trigger)
     elif existing.status == EnrollmentStatus.active:
         # Finish an earlier attempt that stored the row but may not have started the run.
-        version = await session.get(JourneyVersion, existing.journey_version_id)
-        assert version is not None
-        await _start_workflow(temporal, settings, journey, version, existing, trigger)
+        started_on = await session.get(JourneyVersion, existing.journey_version_id)
+        assert started_on is not None
+        await _start_workflow(temporal, settings, journey, started_on, existing, trigger)
     return existing, created
 
 
@@ -152,7 +153,8 @@ async def _start_workflow(
     enrollment: Enrollment,
     trigger: dict[str, Any] | None,
 ) -> None:
-    try:
+    # WorkflowAlreadyStartedError: that run already ended; the enrollment row says how.
+    with contextlib.suppress(WorkflowAlreadyStartedError):
         await temporal.start_workflow(
             JourneyWorkflow.run,
             JourneyInput(
@@ -174,19 +176,17 @@ async def _start_workflow(
                     SearchAttributePair(SA_STATUS, "active"),
                 ]
             ),
-            static_summary=f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}",
+            static_summary=(
+                f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}"
+            ),
             static_details=(
                 f"Journey **{journey.key}** version {version.version}\n\n"
                 f"Contact `{enrollment.contact_id}`, enrollment `{enrollment.id}`"
             ),
         )
-    except WorkflowAlreadyStartedError:
-        pass  # that run already ended; the enrollment row says how
 
 
-async def deliver_event(
-    session: AsyncSession, temporal: Client, event: Event
-) -> int:
+async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -> int:
     """Signal an event to each running journey of its contact; return how many got it.
 
     Journeys de-duplicate by event id, so delivering twice is harmless.
@@ -215,7 +215,9 @@ async def deliver_event(
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise
-            log.info("workflow %s already closed; event %s not delivered to it", workflow_id, event.id)
+            log.info(
+                "workflow %s already closed; event %s not delivered to it", workflow_id, event.id
+            )
     event.delivered_at = utcnow()
     session.add(event)
     return delivered

@@ -82,7 +82,9 @@ def with_database(url: str, database: str) -> str:
 def create_database(server_url: str, database: str, *, exist_ok: bool = True) -> str:
     """Create ``database`` on the server; return its URL."""
     with psycopg.connect(server_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
         if exists and not exist_ok:
             raise RuntimeError(f"database {database} already exists")
         if not exists:

@@ -40,7 +40,9 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_until(check: object, what: str, seconds: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until(
+    check: object, what: str, seconds: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -101,7 +103,7 @@ class Stack:
             args += ["--search-attribute", f"{key.name}=Keyword"]
         proc = self.spawn("temporal", args, env)
         wait_until(lambda: port_open(host, port), "the Temporal dev server", 60, proc)
-        say(f"Temporal: dev server on {host}:{port}, data in {self.settings.data_dir / 'temporal.sqlite'}")
+        say(f"Temporal: dev server on {host}:{port}, UI on {self.settings.temporal_ui_url}")
 
     def stop(self) -> None:
         for name, proc in reversed(self.procs):
@@ -171,29 +173,29 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_examples:
             with httpx.Client(base_url=base, headers={"X-API-Key": api_key}, timeout=30) as client:
                 loaded = load_examples(client)
-        print(
-            "\n".join(
-                [
-                    "",
-                    "  Nurture is running.",
-                    f"  API docs        {base}/docs",
-                    f"  Temporal UI     {settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows",
-                    f"  Outbox          {settings.outbox_path}",
-                    f"  API key         {api_key}",
-                    f"  Journeys        {', '.join(loaded) or '(none loaded)'}",
-                    "",
-                    "  Try it:",
-                    f"    curl -s -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' \\",
-                    f"      -d '{{\"email\": \"ada@example.com\", \"attributes\": {{\"first_name\": \"Ada\", \"role\": \"CMO\"}}}}' {base}/v1/contacts",
-                    f"    curl -s -H 'X-API-Key: {api_key}' -H 'Content-Type: application/json' \\",
-                    f"      -d '{{\"email\": \"ada@example.com\"}}' {base}/v1/journeys/trial-nurture/enrollments",
-                    "",
-                    "  Ctrl-C stops everything.",
-                    "",
-                ]
-            ),
-            flush=True,
-        )  # fmt: skip
+        ui = f"{settings.temporal_ui_url}/namespaces/{settings.temporal_namespace}/workflows"
+        auth = f"-H 'X-API-Key: {api_key}' -H 'Content-Type: application/json'"
+        contact = '{"email": "ada@example.com", "attributes": {"first_name": "Ada", "role": "CMO"}}'
+        who = '{"email": "ada@example.com"}'
+        banner = [
+            "",
+            "  Nurture is running.",
+            f"  API docs        {base}/docs",
+            f"  Temporal UI     {ui}",
+            f"  Outbox          {settings.outbox_path}",
+            f"  API key         {api_key}",
+            f"  Journeys        {', '.join(loaded) or '(none loaded)'}",
+            "",
+            "  Try it:",
+            f"    curl -s {auth} \\",
+            f"      -d '{contact}' {base}/v1/contacts",
+            f"    curl -s {auth} \\",
+            f"      -d '{who}' {base}/v1/journeys/trial-nurture/enrollments",
+            "",
+            "  Ctrl-C stops everything.",
+            "",
+        ]
+        print("\n".join(banner), flush=True)
         while not stopping:
             for name, proc in stack.procs:
                 if proc.poll() is not None:

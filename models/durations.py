@@ -15,7 +15,7 @@ def parse_duration(text: str) -> timedelta:
     cleaned = text.strip().lower().replace(" ", "")
     if not _WHOLE.match(cleaned):
         raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit s, m, h, d or w, e.g. 15m, 3d, 1h30m"
+            f"invalid duration {text!r}: use numbers with units s, m, h, d or w (15m, 3d, 1h30m)"
         )
     total = timedelta()
     for amount, unit in _PART.findall(cleaned):

@@ -207,7 +207,7 @@ def describe_errors(raw: Any, error: ValidationError) -> list[dict[str, Any]]:
             message = f"unknown step type; use one of: {', '.join(STEP_TYPES)}"
         if err["type"] == "extra_forbidden":
             message = "unknown field"
-        text = " ".join(where + [field]).strip()
+        text = " ".join([*where, field]).strip()
         problems.append(
             {
                 "step": step_id,

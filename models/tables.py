@@ -18,15 +18,15 @@ def utcnow() -> datetime:
 
 def _ts(nullable: bool = True, default_now: bool = False, index: bool = False) -> Any:
     return Field(
-        default_factory=utcnow if default_now else None,  # type: ignore[arg-type]
-        sa_type=sa.DateTime(timezone=True),  # type: ignore[call-overload]
+        default_factory=utcnow if default_now else None,
+        sa_type=sa.DateTime(timezone=True),
         nullable=nullable,
         index=index,
     )
 
 
 def _jsonb() -> Any:
-    return Field(default_factory=dict, sa_type=JSONB, nullable=False)  # type: ignore[call-overload]
+    return Field(default_factory=dict, sa_type=JSONB, nullable=False)
 
 
 class SubscriptionStatus(StrEnum):
@@ -39,7 +39,9 @@ class SubscriptionStatus(StrEnum):
 class Contact(SQLModel, table=True):
     __tablename__ = "contacts"
     __table_args__ = (
-        sa.Index("uq_contacts_email", "email", unique=True, postgresql_where=sa.text("email IS NOT NULL")),
+        sa.Index(
+            "uq_contacts_email", "email", unique=True, postgresql_where=sa.text("email IS NOT NULL")
+        ),
         sa.Index(
             "uq_contacts_external_id",
             "external_id",
@@ -64,17 +66,17 @@ class Contact(SQLModel, table=True):
     score: int = 0
     tags: list[str] = Field(
         default_factory=list,
-        sa_type=ARRAY(sa.Text),  # type: ignore[call-overload]
+        sa_type=ARRAY(sa.Text),
         nullable=False,
     )
     email_status: SubscriptionStatus = Field(
         default=SubscriptionStatus.subscribed,
-        sa_type=sa.String(16),  # type: ignore[call-overload]
+        sa_type=sa.String(16),
         nullable=False,
     )
     sms_status: SubscriptionStatus = Field(
         default=SubscriptionStatus.subscribed,
-        sa_type=sa.String(16),  # type: ignore[call-overload]
+        sa_type=sa.String(16),
         nullable=False,
     )
     created_at: datetime = _ts(nullable=False, default_now=True)
@@ -96,7 +98,9 @@ class Event(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     idempotency_id: str = Field(max_length=200, unique=True)
-    contact_id: uuid.UUID | None = Field(default=None, foreign_key="contacts.id", ondelete="SET NULL")
+    contact_id: uuid.UUID | None = Field(
+        default=None, foreign_key="contacts.id", ondelete="SET NULL"
+    )
     name: str = Field(max_length=200)
     properties: dict[str, Any] = _jsonb()
     occurred_at: datetime = _ts(nullable=False, default_now=True)
@@ -115,7 +119,7 @@ class Template(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     key: str = Field(max_length=64, unique=True)
-    channel: TemplateChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    channel: TemplateChannel = Field(sa_type=sa.String(8), nullable=False)
     subject: str | None = None
     html: str | None = None
     text: str | None = None
@@ -138,7 +142,7 @@ class Journey(SQLModel, table=True):
     name: str = Field(max_length=200)
     status: JourneyStatus = Field(
         default=JourneyStatus.draft,
-        sa_type=sa.String(16),  # type: ignore[call-overload]
+        sa_type=sa.String(16),
         nullable=False,
     )
     draft: dict[str, Any] = _jsonb()
@@ -191,7 +195,7 @@ class Enrollment(SQLModel, table=True):
     workflow_id: str = Field(max_length=400, index=True)
     status: EnrollmentStatus = Field(
         default=EnrollmentStatus.active,
-        sa_type=sa.String(16),  # type: ignore[call-overload]
+        sa_type=sa.String(16),
         nullable=False,
     )
     variant: str | None = Field(default=None, max_length=64)
@@ -236,14 +240,16 @@ class Message(SQLModel, table=True):
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     # Business key made in the workflow (enrollment, step, visit): one send per key, ever.
     idempotency_key: str = Field(max_length=400, unique=True)
-    contact_id: uuid.UUID | None = Field(default=None, foreign_key="contacts.id", ondelete="SET NULL")
+    contact_id: uuid.UUID | None = Field(
+        default=None, foreign_key="contacts.id", ondelete="SET NULL"
+    )
     enrollment_id: uuid.UUID | None = Field(
         default=None, foreign_key="enrollments.id", ondelete="SET NULL", index=True
     )
     journey_id: uuid.UUID | None = Field(default=None, foreign_key="journeys.id")
     step_id: str | None = Field(default=None, max_length=64)
     variant: str | None = Field(default=None, max_length=64)
-    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)
     template_key: str | None = Field(default=None, max_length=64)
     to_address: str | None = Field(default=None, max_length=320)
     subject: str | None = None
@@ -251,7 +257,7 @@ class Message(SQLModel, table=True):
     provider_message_id: str | None = Field(default=None, max_length=200)
     status: MessageStatus = Field(
         default=MessageStatus.pending,
-        sa_type=sa.String(16),  # type: ignore[call-overload]
+        sa_type=sa.String(16),
         nullable=False,
     )
     skip_reason: str | None = Field(default=None, max_length=200)
@@ -282,8 +288,8 @@ class Suppression(SQLModel, table=True):
     __table_args__ = (sa.UniqueConstraint("channel", "address", name="uq_suppressions"),)
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
-    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)  # type: ignore[call-overload]
+    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)
     address: str = Field(max_length=320)  # lower-cased email or E.164 phone
-    reason: SuppressionReason = Field(sa_type=sa.String(16), nullable=False)  # type: ignore[call-overload]
+    reason: SuppressionReason = Field(sa_type=sa.String(16), nullable=False)
     source: str | None = Field(default=None, max_length=64)
     created_at: datetime = _ts(nullable=False, default_now=True)

@@ -121,14 +121,18 @@ def _api_client(app_settings: Settings, temporal: Client) -> httpx.AsyncClient:
 
 
 @pytest.fixture
-async def time_api(time_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def time_api(
+    time_env: WorkflowEnvironment, settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
     """The API, starting journeys on the time-skipping server."""
     async with _api_client(settings, time_env.client) as client:
         yield client
 
 
 @pytest.fixture
-async def dev_api(dev_env: WorkflowEnvironment, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+async def dev_api(
+    dev_env: WorkflowEnvironment, settings: Settings
+) -> AsyncIterator[httpx.AsyncClient]:
     """The API, starting journeys on the real dev server."""
     async with _api_client(settings, dev_env.client) as client:
         yield client

@@ -25,7 +25,9 @@ async def put_template(api: httpx.AsyncClient, key: str, **fields: Any) -> None:
 
 async def load_example_templates(api: httpx.AsyncClient) -> None:
     for path in sorted((EXAMPLES / "templates").glob("*.yaml")):
-        response = await api.put(f"/v1/templates/{path.stem}", json=yaml.safe_load(path.read_text()))
+        response = await api.put(
+            f"/v1/templates/{path.stem}", json=yaml.safe_load(path.read_text())
+        )
         assert response.status_code in (200, 201), response.text
 
 
@@ -44,17 +46,21 @@ async def contact(api: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
     return dict(response.json()["contact"])
 
 
-async def enroll(api: httpx.AsyncClient, journey: str, contact_id: str, **extra: Any) -> dict[str, Any]:
-    response = await api.post(f"/v1/journeys/{journey}/enrollments", json={"contact_id": contact_id, **extra})
+async def enroll(
+    api: httpx.AsyncClient, journey: str, contact_id: str, **extra: Any
+) -> dict[str, Any]:
+    response = await api.post(
+        f"/v1/journeys/{journey}/enrollments", json={"contact_id": contact_id, **extra}
+    )
     assert response.status_code in (200, 201), response.text
     return dict(response.json())
 
 
 async def wait_for_step(
-    api: httpx.AsyncClient, enrollment_id: str, step: str, timeout: float = 20
+    api: httpx.AsyncClient, enrollment_id: str, step: str, seconds: float = 20
 ) -> dict[str, Any]:
     """Poll the enrollment (read from the workflow) until it sits at ``step``."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + seconds
     while True:
         response = await api.get(f"/v1/enrollments/{enrollment_id}")
         if response.status_code == 200 and response.json()["current_step"] == step:

@@ -53,7 +53,10 @@ def outbox_files(settings: Settings) -> list[str]:
 
 
 async def test_wait_of_three_weeks_completes_in_seconds(
-    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, time_worker: Worker, settings: Settings
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    settings: Settings,
 ) -> None:
     template = unique("tpl")
     await put_template(time_api, template, subject="Three weeks later, {{ contact.first_name }}")
@@ -96,7 +99,10 @@ async def _wait_for_journey(api: httpx.AsyncClient) -> str:
 
 
 async def test_wait_for_takes_event_branch_when_the_event_arrives(
-    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, time_worker: Worker, settings: Settings
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    settings: Settings,
 ) -> None:
     time_api.headers["x-test"] = uuid.uuid4().hex[:6]
     key = await _wait_for_journey(time_api)
@@ -123,7 +129,10 @@ async def test_wait_for_takes_event_branch_when_the_event_arrives(
 
 
 async def test_wait_for_takes_timeout_branch_when_no_event_comes(
-    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, time_worker: Worker, settings: Settings
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    settings: Settings,
 ) -> None:
     time_api.headers["x-test"] = uuid.uuid4().hex[:6]
     key = await _wait_for_journey(time_api)
@@ -140,7 +149,10 @@ async def test_wait_for_takes_timeout_branch_when_no_event_comes(
 
 
 async def test_branch_follows_the_contact_attribute(
-    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, time_worker: Worker, settings: Settings
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    settings: Settings,
 ) -> None:
     exec_tpl, other_tpl = unique("exec"), unique("other")
     await put_template(time_api, exec_tpl)
@@ -207,7 +219,9 @@ async def test_retried_send_produces_one_message(
             raise RuntimeError("worker lost after the provider accepted the message")
         return result
 
-    activities: list[Any] = [a for a in build_activities(settings) if getattr(a, "__name__", "") != "send_email"]
+    activities: list[Any] = [
+        a for a in build_activities(settings) if getattr(a, "__name__", "") != "send_email"
+    ]
     template = unique("retry")
     await put_template(time_api, template)
     key = unique("retry")

@@ -32,7 +32,9 @@ class RunningNurture:
         self.api_port, self.temporal_port, self.ui_port = free_port(), free_port(), free_port()
         self.log = data_dir / "run.log"
         self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith("NURTURE_") and k != "DATABASE_URL"
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("NURTURE_") and k != "DATABASE_URL"
         }
         self.env.update(
             NURTURE_DATA_DIR=str(data_dir),
@@ -68,7 +70,9 @@ class RunningNurture:
 
     def api(self) -> httpx.Client:
         return httpx.Client(
-            base_url=f"http://127.0.0.1:{self.api_port}", headers={"X-API-Key": "e2e-key"}, timeout=30
+            base_url=f"http://127.0.0.1:{self.api_port}",
+            headers={"X-API-Key": "e2e-key"},
+            timeout=30,
         )
 
 
@@ -124,7 +128,10 @@ def test_example_journey_end_to_end(nurture: RunningNurture) -> None:
         assert accepted.status_code == 202 and accepted.json()["delivered_to"] == 1
 
         final = poll(
-            lambda: (b := api.get(f"/v1/enrollments/{enrolled['id']}").json())["status"] != "active" and b,
+            lambda: (
+                (b := api.get(f"/v1/enrollments/{enrolled['id']}").json())["status"] != "active"
+                and b
+            ),
             "the journey to end",
         )
     assert final["status"] == "exited"
@@ -132,7 +139,9 @@ def test_example_journey_end_to_end(nurture: RunningNurture) -> None:
         "settle", "offer", "opened", "persona", "exec-track", "exec-done", "done",
     ]  # fmt: skip
 
-    sent = sorted((nurture.data_dir / "outbox" / "email").glob("*.eml"), key=lambda p: p.stat().st_mtime)
+    sent = sorted(
+        (nurture.data_dir / "outbox" / "email").glob("*.eml"), key=lambda p: p.stat().st_mtime
+    )
     subjects = [email.message_from_bytes(p.read_bytes())["Subject"] for p in sent]
     assert subjects == [
         "Grace, your 14-day Nurture trial is ready",

@@ -49,7 +49,9 @@ MAX_STEPS_WITHOUT_WAIT = 200
 # Event ids remembered for de-duplication of signals (bounded, carried across continue-as-new).
 SEEN_EVENT_IDS = 500
 
-READ_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
+READ_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
+)
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -203,7 +205,9 @@ class JourneyWorkflow:
         except ActivityError as err:
             # Retries ran out (a provider down for a day): record it and go on.
             return _Next(outcome=f"email failed: {err.cause or err}")
-        return _Next(outcome=f"email {result.status}" + (f": {result.reason}" if result.reason else ""))
+        return _Next(
+            outcome=f"email {result.status}" + (f": {result.reason}" if result.reason else "")
+        )
 
     async def _wait_for(self, step: WaitForStep) -> _Next:
         matched: list[EventSignal] = []

@@ -14,7 +14,9 @@ router = APIRouter(prefix="/contacts", tags=["contacts"])
 
 
 @router.post("", response_model=ContactUpsertResult)
-async def upsert_contact(body: ContactUpsert, session: SessionDep, response: Response) -> ContactUpsertResult:
+async def upsert_contact(
+    body: ContactUpsert, session: SessionDep, response: Response
+) -> ContactUpsertResult:
     """Identify a contact by external_id or email: create it, or merge into the stored one."""
     by_external = by_email = None
     if body.external_id is not None:

@@ -40,14 +40,15 @@ async def track_event(
     duplicate = inserted.first() is None
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
-    event = (
-        await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))
-    ).one()
+    event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()
     delivered = 0
     if event.delivered_at is None:
         delivered = await deliver_event(session, temporal, event)
     if duplicate:
         response.status_code = status.HTTP_200_OK
     return EventAccepted(
-        event_id=event.id, idempotency_id=idempotency_id, duplicate=duplicate, delivered_to=delivered
+        event_id=event.id,
+        idempotency_id=idempotency_id,
+        duplicate=duplicate,
+        delivered_to=delivered,
     )

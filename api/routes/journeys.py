@@ -12,7 +12,13 @@ from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.routes.enrollments import enrollment_public
 from api.schemas import EnrollIn, EnrollResult, JourneyPublic, JourneyVersionPublic
 from api.services import enroll, find_contact, get_journey
-from models.journey import KEY_PATTERN, JourneyDocument, JourneyValidationError, parse_journey
+from models.journey import (
+    KEY_PATTERN,
+    EmailStep,
+    JourneyDocument,
+    JourneyValidationError,
+    parse_journey,
+)
 from models.tables import Journey, JourneyStatus, JourneyVersion, Template, utcnow
 
 router = APIRouter(prefix="/journeys", tags=["journeys"])
@@ -67,7 +73,12 @@ def public(journey: Journey) -> JourneyPublic:
     return JourneyPublic.model_validate(journey, from_attributes=True)
 
 
-@router.post("", response_model=JourneyPublic, status_code=status.HTTP_201_CREATED, openapi_extra=_DOCUMENT_BODY)
+@router.post(
+    "",
+    response_model=JourneyPublic,
+    status_code=status.HTTP_201_CREATED,
+    openapi_extra=_DOCUMENT_BODY,
+)
 async def create_journey(request: Request, session: SessionDep) -> JourneyPublic:
     """Save a new journey as a draft (validated: errors name the step and field)."""
     raw, document = await read_document(request)
@@ -87,7 +98,15 @@ async def update_draft(key: JourneyKey, request: Request, session: SessionDep) -
     """Replace a journey's draft; published versions never change."""
     raw, document = await read_document(request)
     if document.key != key:
-        raise invalid([{"step": None, "field": "key", "message": f"key: {document.key!r} does not match the URL's {key!r}"}])
+        raise invalid(
+            [
+                {
+                    "step": None,
+                    "field": "key",
+                    "message": f"key: {document.key!r} does not match the URL's {key!r}",
+                }
+            ]
+        )
     journey = await get_journey(session, key)
     journey.draft, journey.name, journey.updated_at = raw, document.name, utcnow()
     session.add(journey)
@@ -114,7 +133,9 @@ async def get_journey_route(key: JourneyKey, session: SessionDep) -> JourneyPubl
     return public(await get_journey(session, key))
 
 
-@router.post("/{key}/publish", response_model=JourneyVersionPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/{key}/publish", response_model=JourneyVersionPublic, status_code=status.HTTP_201_CREATED
+)
 async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersionPublic:
     """Publish the draft as a new immutable version and make the journey active."""
     journey = await get_journey(session, key)
@@ -126,7 +147,9 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
             select(func.max(JourneyVersion.version)).where(JourneyVersion.journey_id == journey.id)
         )
     ).one()
-    version = JourneyVersion(journey_id=journey.id, version=(latest or 0) + 1, document=journey.draft)
+    version = JourneyVersion(
+        journey_id=journey.id, version=(latest or 0) + 1, document=journey.draft
+    )
     journey.current_version = version.version
     journey.status = JourneyStatus.active
     journey.updated_at = utcnow()
@@ -134,7 +157,10 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
     session.add(journey)
     await session.flush()
     return JourneyVersionPublic(
-        key=journey.key, version=version.version, document=version.document, published_at=version.published_at
+        key=journey.key,
+        version=version.version,
+        document=version.document,
+        published_at=version.published_at,
     )
 
 
@@ -150,7 +176,9 @@ async def get_version(key: JourneyKey, version: int, session: SessionDep) -> Jou
     ).first()
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"journey {key!r} has no version {version}")
-    return JourneyVersionPublic(key=key, version=row.version, document=row.document, published_at=row.published_at)
+    return JourneyVersionPublic(
+        key=key, version=row.version, document=row.document, published_at=row.published_at
+    )
 
 
 @router.post("/{key}/enrollments", response_model=EnrollResult)
@@ -186,7 +214,7 @@ async def _check_templates(session: SessionDep, document: JourneyDocument) -> No
             "message": f"step {step.id!r} template: no template with key {step.template!r}",
         }
         for step in document.steps
-        if getattr(step, "template", None) is not None and step.template not in found  # type: ignore[union-attr]
+        if isinstance(step, EmailStep) and step.template not in found
     ]
     if problems:
         raise invalid(problems)

@@ -26,7 +26,9 @@ async def put_template(
         check_template("html", body.html, html=True)
         check_template("text", body.text)
     except TemplateError as err:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"template {key}: {err}") from None
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"template {key}: {err}"
+        ) from None
     template = (await session.exec(select(Template).where(Template.key == key))).first()
     response.status_code = status.HTTP_200_OK if template else status.HTTP_201_CREATED
     if template is None:

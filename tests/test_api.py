@@ -1,0 +1,366 @@
+"""REST API: happy paths, and bad input that gets a clear 4xx and stores nothing."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func
+from sqlmodel import select
+
+from models.db import session_scope
+from models.tables import Contact, Enrollment, Event, Journey, JourneyVersion, Template
+from settings import Settings
+from tests.helpers import contact, publish, put_template, unique
+
+
+async def count(settings: Settings, table: Any) -> int:
+    async with session_scope(settings.database_url) as session:
+        return int((await session.exec(select(func.count()).select_from(table))).one())
+
+
+def journey_doc(key: str, template: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "key": key,
+        "name": "Welcome",
+        "steps": [
+            {"id": "hello", "type": "email", "template": template},
+            {"id": "pause", "type": "wait", "duration": "2d"},
+        ],
+        **extra,
+    }
+
+
+async def test_api_requires_a_key(time_api: httpx.AsyncClient) -> None:
+    missing = await time_api.get("/v1/journeys", headers={"Authorization": ""})
+    wrong = await time_api.get("/v1/journeys", headers={"Authorization": "Bearer nope"})
+    header = await time_api.get(
+        "/v1/journeys", headers={"Authorization": "", "X-API-Key": "test-api-key"}
+    )
+    assert missing.status_code == 401 and "missing API key" in missing.json()["detail"]
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "invalid API key"
+    assert header.status_code == 200
+
+
+async def test_healthz_answers_without_a_key(time_api: httpx.AsyncClient) -> None:
+    response = await time_api.get("/healthz", headers={"Authorization": ""})
+    assert response.json() == {"status": "ok"}
+
+
+async def test_contact_upsert_merges_attributes(time_api: httpx.AsyncClient) -> None:
+    email = f"{unique('merge')}@Example.COM"
+    first = await time_api.post("/v1/contacts", json={
+        "email": email, "phone": "+1 (415) 555-0123", "attributes": {"plan": "free", "seats": 3},
+    })  # fmt: skip
+    second = await time_api.post("/v1/contacts", json={
+        "email": email.lower(), "timezone": "Europe/Paris",
+        "attributes": {"plan": "pro", "seats": None},
+    })  # fmt: skip
+    assert first.status_code == 201 and second.status_code == 200
+    stored = second.json()["contact"]
+    assert stored["id"] == first.json()["contact"]["id"]
+    assert stored["email"] == email.lower()
+    assert stored["phone"] == "+14155550123"
+    assert stored["timezone"] == "Europe/Paris"
+    assert stored["attributes"] == {"plan": "pro"}
+    fetched = await time_api.get(f"/v1/contacts/{stored['id']}")
+    assert fetched.json() == stored
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"attributes": {"a": 1}}, "needs an email or an external_id"),
+        ({"email": "not-an-email"}, "invalid email address"),
+        ({"email": "x@example.com", "phone": "12"}, "invalid phone number"),
+        ({"email": "x@example.com", "timezone": "Mars/Olympus"}, "unknown time zone"),
+        ({"email": "x@example.com", "colour": "red"}, "Extra inputs are not permitted"),
+    ],
+)
+async def test_contact_bad_input_is_refused(
+    time_api: httpx.AsyncClient, settings: Settings, body: dict[str, Any], problem: str
+) -> None:
+    before = await count(settings, Contact)
+    response = await time_api.post("/v1/contacts", json=body)
+    assert response.status_code == 422
+    assert problem in response.text
+    assert await count(settings, Contact) == before
+
+
+async def test_contact_conflicting_identities_are_refused(time_api: httpx.AsyncClient) -> None:
+    a = await contact(time_api, external_id=unique("crm"))
+    b = await contact(time_api)
+    response = await time_api.post(
+        "/v1/contacts", json={"email": b["email"], "external_id": a["external_id"]}
+    )
+    assert (
+        response.status_code == 409 and "belong to different contacts" in response.json()["detail"]
+    )
+    assert (await time_api.get(f"/v1/contacts/{b['id']}")).json()["external_id"] is None
+
+
+async def test_unknown_contact_is_404(time_api: httpx.AsyncClient) -> None:
+    response = await time_api.get(f"/v1/contacts/{uuid.uuid4()}")
+    assert response.status_code == 404 and "no contact with id" in response.json()["detail"]
+
+
+async def test_template_is_checked_at_save(time_api: httpx.AsyncClient, settings: Settings) -> None:
+    key = unique("broken")
+    response = await time_api.put(f"/v1/templates/{key}", json={
+        "channel": "email", "subject": "Hi", "html": "<p>{{ contact.first_name </p>",
+    })  # fmt: skip
+    assert response.status_code == 422
+    assert "html: line 1" in response.json()["detail"]
+    assert (await time_api.get(f"/v1/templates/{key}")).status_code == 404
+    no_subject = await time_api.put(f"/v1/templates/{key}", json={"channel": "email", "html": "x"})
+    assert no_subject.status_code == 422 and "needs a subject" in no_subject.text
+    bad_key = await time_api.put("/v1/templates/Bad_Key", json={"channel": "sms", "text": "x"})
+    assert bad_key.status_code == 422
+
+
+async def test_journey_accepts_yaml_and_publishes_immutable_versions(
+    time_api: httpx.AsyncClient,
+) -> None:
+    template = unique("tpl")
+    await put_template(time_api, template)
+    key = unique("yaml")
+    yaml_doc = f"""
+key: {key}
+name: From YAML
+steps:
+  - {{id: hello, type: email, template: {template}}}
+"""
+    created = await time_api.post(
+        "/v1/journeys", content=yaml_doc, headers={"Content-Type": "application/yaml"}
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "draft"
+    v1 = await time_api.post(f"/v1/journeys/{key}/publish")
+    assert v1.json()["version"] == 1
+    changed = journey_doc(key, template, name="Changed")
+    assert (await time_api.put(f"/v1/journeys/{key}", json=changed)).status_code == 200
+    v2 = await time_api.post(f"/v1/journeys/{key}/publish")
+    assert v2.json()["version"] == 2
+    first = await time_api.get(f"/v1/journeys/{key}/versions/1")
+    assert first.json()["document"]["name"] == "From YAML"
+    journey = (await time_api.get(f"/v1/journeys/{key}")).json()
+    assert journey["current_version"] == 2 and journey["status"] == "active"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda d: d["steps"][1].update(duration="3 fortnights"),
+            "steps[1] (id 'pause') duration: invalid duration",
+        ),
+        (
+            lambda d: d["steps"].append({"id": "x", "type": "teleport"}),
+            "steps[2] (id 'x'): unknown step type",
+        ),
+        (
+            lambda d: d["steps"][0].update(colour="red"),
+            "steps[0] (id 'hello') colour: unknown field",
+        ),
+        (
+            lambda d: d["steps"].append(
+                {"id": "w", "type": "wait_for", "event": "e", "on_event": "nowhere"}
+            ),
+            "step 'w': goes to unknown step 'nowhere'",
+        ),
+        (
+            lambda d: d["steps"].append({"id": "hello", "type": "exit"}),
+            "step 'hello': id is used by another step",
+        ),
+        (
+            lambda d: d["steps"].append(
+                {
+                    "id": "b",
+                    "type": "branch",
+                    "cases": [
+                        {"if": {"attr": "role", "op": "in", "value": "CMO"}, "goto": "hello"}
+                    ],
+                }
+            ),
+            "steps[2] (id 'b') cases.0.if.attr: operator 'in' needs a list value",
+        ),
+        (
+            lambda d: d["steps"].append(
+                {"id": "b", "type": "branch", "cases": [{"if": {"colour": "red"}, "goto": "hello"}]}
+            ),
+            "a condition needs one of",
+        ),
+        (lambda d: d.update(key="Not A Key"), "key: String should match pattern"),
+        (lambda d: d.update(default_timezone="Atlantis/Capital"), "unknown time zone"),
+        (lambda d: d.update(steps=[]), "steps: List should have at least 1 item"),
+    ],
+)
+async def test_invalid_journey_names_step_and_field(
+    time_api: httpx.AsyncClient, settings: Settings, mutate: Any, expected: str
+) -> None:
+    document = journey_doc(unique("bad"), "any-template")
+    mutate(document)
+    before = await count(settings, Journey)
+    response = await time_api.post("/v1/journeys", json=document)
+    assert response.status_code == 422, response.text
+    messages = [e["message"] for e in response.json()["detail"]["errors"]]
+    assert any(expected in m for m in messages), messages
+    assert await count(settings, Journey) == before
+
+
+async def test_malformed_journey_bodies_are_refused(
+    time_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    before = await count(settings, Journey)
+    not_json = await time_api.post(
+        "/v1/journeys", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    not_yaml = await time_api.post(
+        "/v1/journeys", content=b"key: [", headers={"Content-Type": "application/yaml"}
+    )
+    a_list = await time_api.post("/v1/journeys", json=[1, 2])
+    xml = await time_api.post(
+        "/v1/journeys", content=b"<journey/>", headers={"Content-Type": "application/xml"}
+    )
+    assert not_json.status_code == 400 and "not valid application/json" in not_json.text
+    assert not_yaml.status_code == 400 and "not valid application/yaml" in not_yaml.text
+    assert a_list.status_code == 422 and "must be an object" in a_list.text
+    assert xml.status_code == 415
+    assert await count(settings, Journey) == before
+
+
+async def test_publishing_with_a_missing_template_names_the_step(
+    time_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    key = unique("missing-template")
+    assert (
+        await time_api.post("/v1/journeys", json=journey_doc(key, "no-such-template"))
+    ).status_code == 201
+    versions_before = await count(settings, JourneyVersion)
+    response = await time_api.post(f"/v1/journeys/{key}/publish")
+    assert response.status_code == 422
+    assert response.json()["detail"]["errors"][0]["message"] == (
+        "step 'hello' template: no template with key 'no-such-template'"
+    )
+    assert await count(settings, JourneyVersion) == versions_before
+    assert (await time_api.get(f"/v1/journeys/{key}")).json()["status"] == "draft"
+
+
+async def test_journey_key_conflicts_and_mismatches(time_api: httpx.AsyncClient) -> None:
+    template = unique("tpl")
+    await put_template(time_api, template)
+    key = unique("dup")
+    await publish(time_api, journey_doc(key, template))
+    again = await time_api.post("/v1/journeys", json=journey_doc(key, template, name="Other"))
+    assert again.status_code == 409
+    mismatch = await time_api.put(
+        f"/v1/journeys/{key}", json=journey_doc(unique("other"), template)
+    )
+    assert mismatch.status_code == 422 and "does not match the URL" in mismatch.text
+    assert (await time_api.get(f"/v1/journeys/{key}")).json()["name"] == "Welcome"
+    assert (await time_api.get("/v1/journeys/no-such-journey")).status_code == 404
+
+
+async def test_enrollment_bad_input(time_api: httpx.AsyncClient, settings: Settings) -> None:
+    template = unique("tpl")
+    await put_template(time_api, template)
+    key = unique("enroll")
+    await publish(time_api, journey_doc(key, template))
+    draft_key = unique("draft")
+    await time_api.post("/v1/journeys", json=journey_doc(draft_key, template))
+    person = await contact(time_api)
+    before = await count(settings, Enrollment)
+
+    unknown_contact = await time_api.post(
+        f"/v1/journeys/{key}/enrollments", json={"contact_id": str(uuid.uuid4())}
+    )
+    unknown_email = await time_api.post(
+        f"/v1/journeys/{key}/enrollments", json={"email": "nobody@example.com"}
+    )
+    unknown_journey = await time_api.post(
+        "/v1/journeys/nope/enrollments", json={"contact_id": person["id"]}
+    )
+    draft = await time_api.post(
+        f"/v1/journeys/{draft_key}/enrollments", json={"contact_id": person["id"]}
+    )
+    two_refs = await time_api.post(
+        f"/v1/journeys/{key}/enrollments",
+        json={"contact_id": person["id"], "email": person["email"]},
+    )
+    assert unknown_contact.status_code == 404 and "no contact with id" in unknown_contact.text
+    assert unknown_email.status_code == 404 and "nobody@example.com" in unknown_email.text
+    assert (
+        unknown_journey.status_code == 404 and "no journey with key 'nope'" in unknown_journey.text
+    )
+    assert draft.status_code == 409 and "publish it before enrolling" in draft.text
+    assert two_refs.status_code == 422 and "exactly one of" in two_refs.text
+    assert await count(settings, Enrollment) == before
+    assert (await time_api.get(f"/v1/enrollments/{uuid.uuid4()}")).status_code == 404
+
+
+async def test_event_is_stored_once_per_idempotency_id(
+    time_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    person = await contact(time_api)
+    body = {
+        "id": unique("evt"),
+        "email": person["email"],
+        "name": "page_viewed",
+        "properties": {"page": "/pricing"},
+    }
+    first = await time_api.post("/v1/events", json=body)
+    second = await time_api.post("/v1/events", json={**body, "properties": {"page": "/other"}})
+    assert first.status_code == 202 and first.json()["duplicate"] is False
+    assert second.status_code == 200 and second.json()["duplicate"] is True
+    assert first.json()["event_id"] == second.json()["event_id"]
+    async with session_scope(settings.database_url) as session:
+        stored = (await session.exec(select(Event).where(Event.idempotency_id == body["id"]))).all()
+    assert len(stored) == 1 and stored[0].properties == {"page": "/pricing"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "problem"),
+    [
+        ({"name": "opened"}, 422, "name the contact by exactly one of"),
+        (
+            {"email": "ghost@example.com", "name": "opened"},
+            404,
+            "no contact with email ghost@example.com",
+        ),
+        ({"email": "{email}", "name": "has spaces"}, 422, "String should match pattern"),
+        ({"email": "{email}"}, 422, "Field required"),
+        ({"email": "{email}", "name": "x", "properties": [1]}, 422, "valid dictionary"),
+        (
+            {"email": "{email}", "name": "x", "occurred_at": "2026-01-01T10:00:00"},
+            422,
+            "time zone offset",
+        ),
+        ({"email": "{email}", "name": "x", "occurred_at": "yesterday"}, 422, "occurred_at"),
+    ],
+)
+async def test_malformed_event_is_refused(
+    time_api: httpx.AsyncClient, settings: Settings, body: dict[str, Any], status: int, problem: str
+) -> None:
+    person = await contact(time_api)
+    if body.get("email") == "{email}":
+        body = {**body, "email": person["email"]}
+    before = await count(settings, Event)
+    response = await time_api.post("/v1/events", json=body)
+    assert response.status_code == status, response.text
+    assert problem in response.text
+    assert await count(settings, Event) == before
+
+
+async def test_template_round_trip(time_api: httpx.AsyncClient, settings: Settings) -> None:
+    key = unique("round")
+    before = await count(settings, Template)
+    created = await time_api.put(
+        f"/v1/templates/{key}", json={"channel": "sms", "text": "Hi {{ contact.first_name }}"}
+    )
+    updated = await time_api.put(f"/v1/templates/{key}", json={"channel": "sms", "text": "Hello"})
+    assert created.status_code == 201 and updated.status_code == 200
+    assert (await time_api.get(f"/v1/templates/{key}")).json()["text"] == "Hello"
+    assert await count(settings, Template) == before + 1
+    assert any(t["key"] == key for t in (await time_api.get("/v1/templates")).json())
