@@ -1,0 +1,79 @@
+"""Replay: workflow code changes must keep every recorded journey history replayable.
+
+Recorded histories live in tests/histories. To record afresh (only when a change is
+meant to be incompatible and is guarded by workflow.patched()), run this module with
+NURTURE_RECORD_HISTORIES=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from temporalio.client import WorkflowHistory
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer, Worker
+
+from tests.helpers import EXAMPLES, contact, enroll, load_example_templates, publish, wait_for_step
+from tests.test_journey_workflow import result_of
+from workflows.journey import JourneyWorkflow
+
+HISTORIES = Path(__file__).resolve().parent / "histories"
+
+
+async def _run_example(
+    env: WorkflowEnvironment, api: httpx.AsyncClient, key: str, open_it: bool
+) -> WorkflowHistory:
+    await load_example_templates(api)
+    document: dict[str, Any] = yaml.safe_load(
+        (EXAMPLES / "journeys" / "trial-nurture.yaml").read_text()
+    )
+    document["key"] = key
+    if (await api.get(f"/v1/journeys/{key}")).status_code == 404:
+        await publish(api, document)
+    person = await contact(api, attributes={"first_name": "Ada", "role": "CMO"})
+    enrolled = (await enroll(api, key, person["id"]))["enrollment"]
+    if open_it:
+        await wait_for_step(api, enrolled["id"], "opened")
+        response = await api.post(
+            "/v1/events",
+            json={"id": f"open-{person['id']}", "contact_id": person["id"], "name": "email_opened"},
+        )
+        assert response.json()["delivered_to"] == 1
+    await result_of(env, enrolled["workflow_id"])
+    return await env.client.get_workflow_handle(enrolled["workflow_id"]).fetch_history()
+
+
+@pytest.mark.parametrize("open_it", [True, False], ids=["opened", "never-opened"])
+async def test_example_journey_history_replays(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    open_it: bool,
+) -> None:
+    name = "trial-nurture-" + ("opened" if open_it else "never-opened")
+    history = await _run_example(time_env, time_api, "replay-trial-nurture", open_it)
+    await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+    if os.environ.get("NURTURE_RECORD_HISTORIES"):
+        (HISTORIES / f"{name}.json").write_text(
+            json.dumps({"workflow_id": history.workflow_id, "history": json.loads(history.to_json())})
+        )
+
+
+RECORDED = sorted(HISTORIES.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
+async def test_recorded_history_replays_with_current_code(path: Path) -> None:
+    recorded = json.loads(path.read_text())
+    history = WorkflowHistory.from_json(recorded["workflow_id"], recorded["history"])
+    await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+
+
+def test_histories_are_recorded() -> None:
+    assert {p.stem for p in RECORDED} >= {"trial-nurture-opened", "trial-nurture-never-opened"}
