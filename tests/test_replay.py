@@ -61,7 +61,9 @@ async def test_example_journey_history_replays(
     await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
     if os.environ.get("NURTURE_RECORD_HISTORIES"):
         (HISTORIES / f"{name}.json").write_text(
-            json.dumps({"workflow_id": history.workflow_id, "history": json.loads(history.to_json())})
+            json.dumps(
+                {"workflow_id": history.workflow_id, "history": json.loads(history.to_json())}
+            )
         )
 
 
