@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,8 +49,9 @@ class Settings(BaseSettings):
     outbox_dir: Path | None = Field(
         default=None, description="Local outbox directory. Unset: <data_dir>/outbox."
     )
-    email_provider: str = Field(
-        default="outbox", description="Email provider: outbox (local files and table)."
+    email_provider: Literal["outbox"] = Field(
+        default="outbox",
+        description="Email provider: outbox (every message saved as an .eml file in outbox_dir).",
     )
     email_from: str = Field(
         default="Nurture <hello@nurture.localhost>", description="From address of emails."

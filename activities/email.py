@@ -39,7 +39,7 @@ class EmailActivities:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.database_url = settings.database_url
-        self.provider = OutboxEmailProvider(settings.outbox_path)
+        self.provider = email_provider(settings)
 
     @activity.defn(name="send_email")
     async def send_email(self, input: SendEmailInput) -> SendEmailResult:
@@ -135,6 +135,14 @@ class EmailActivities:
             stored.status, stored.error, stored.failed_at = MessageStatus.failed, error, utcnow()
             session.add(stored)
         return SendEmailResult(str(message.id), MessageStatus.failed, error)
+
+
+def email_provider(settings: Settings) -> OutboxEmailProvider:
+    """The provider ``NURTURE_EMAIL_PROVIDER`` names."""
+    match settings.email_provider:
+        case "outbox":
+            return OutboxEmailProvider(settings.outbox_path)
+    raise ValueError(f"unknown email provider {settings.email_provider!r}")
 
 
 async def _message_by_key(session: AsyncSession, key: str) -> Message | None:

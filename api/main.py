@@ -20,6 +20,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.api_key:
+            raise RuntimeError("NURTURE_API_KEY is not set: the API refuses to start without a key")
         if app.state.temporal is None:
             app.state.temporal = await Client.connect(
                 settings.temporal_address, namespace=settings.temporal_namespace

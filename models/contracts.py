@@ -11,8 +11,6 @@ from typing import Any
 
 from temporalio.common import SearchAttributeKey
 
-TASK_QUEUE = "nurture-journeys"
-
 SA_JOURNEY = SearchAttributeKey.for_keyword("NurtureJourney")
 SA_CONTACT = SearchAttributeKey.for_keyword("NurtureContact")
 SA_STEP = SearchAttributeKey.for_keyword("NurtureStep")

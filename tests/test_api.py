@@ -364,3 +364,12 @@ async def test_template_round_trip(time_api: httpx.AsyncClient, settings: Settin
     assert (await time_api.get(f"/v1/templates/{key}")).json()["text"] == "Hello"
     assert await count(settings, Template) == before + 1
     assert any(t["key"] == key for t in (await time_api.get("/v1/templates")).json())
+
+
+async def test_api_refuses_to_start_without_a_key(settings: Settings) -> None:
+    from api.main import create_app
+
+    app = create_app(settings.model_copy(update={"api_key": None}))
+    with pytest.raises(RuntimeError, match="NURTURE_API_KEY is not set"):
+        async with app.router.lifespan_context(app):
+            pass

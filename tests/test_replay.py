@@ -7,6 +7,7 @@ NURTURE_RECORD_HISTORIES=1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -72,7 +73,7 @@ RECORDED = sorted(HISTORIES.glob("*.json"))
 
 @pytest.mark.parametrize("path", RECORDED, ids=[p.stem for p in RECORDED])
 async def test_recorded_history_replays_with_current_code(path: Path) -> None:
-    recorded = json.loads(path.read_text())
+    recorded = json.loads(await asyncio.to_thread(path.read_text))
     history = WorkflowHistory.from_json(recorded["workflow_id"], recorded["history"])
     await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
 
