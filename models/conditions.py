@@ -6,9 +6,20 @@ The SQL compiler for segments evaluates the same definition and must agree with 
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from models.durations import parse_duration
 
 Operator = Literal[
     "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in",
@@ -56,6 +67,27 @@ class ScoreCondition(_Strict):
     score_gte: int
 
 
+class EventCondition(_Strict):
+    """Behaviour: the contact did ``event`` (matching ``where``) at least ``count_gte`` times,
+    within the last ``within`` (a duration like ``30d``) when given."""
+
+    event: str = Field(min_length=1, max_length=200)
+    where: Condition | None = None
+    count_gte: int = Field(default=1, ge=0)
+    within: str | None = None
+
+    @field_validator("within")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def window(self) -> timedelta | None:
+        return parse_duration(self.within) if self.within else None
+
+
 class AllCondition(_Strict):
     all: list[Condition] = Field(min_length=1)
 
@@ -68,7 +100,7 @@ class NotCondition(_Strict):
     not_: Condition = Field(alias="not")
 
 
-_KINDS = ("all", "any", "not", "attr", "prop", "score_gte")
+_KINDS = ("all", "any", "not", "attr", "prop", "score_gte", "event")
 
 
 def _condition_kind(value: Any) -> str | None:
@@ -87,7 +119,8 @@ Condition = Annotated[
     | Annotated[NotCondition, Tag("not")]
     | Annotated[AttrCondition, Tag("attr")]
     | Annotated[PropCondition, Tag("prop")]
-    | Annotated[ScoreCondition, Tag("score_gte")],
+    | Annotated[ScoreCondition, Tag("score_gte")]
+    | Annotated[EventCondition, Tag("event")],
     Discriminator(
         _condition_kind,
         custom_error_type="unknown_condition",
@@ -98,6 +131,7 @@ Condition = Annotated[
 AllCondition.model_rebuild()
 AnyCondition.model_rebuild()
 NotCondition.model_rebuild()
+EventCondition.model_rebuild()
 
 
 def contact_value(contact: dict[str, Any], name: str) -> Any:
@@ -155,16 +189,31 @@ def _holds(op: str, actual: Any, expected: Any) -> bool:
 
 
 def evaluate(
-    condition: Condition, contact: dict[str, Any], event: dict[str, Any] | None = None
+    condition: Condition,
+    contact: dict[str, Any],
+    event: dict[str, Any] | None = None,
+    *,
+    history: list[dict[str, Any]] | None = None,
+    now: datetime | None = None,
 ) -> bool:
-    """Evaluate a condition for one contact (and the event at hand, for ``prop``)."""
+    """Evaluate a condition for one contact.
+
+    ``event`` is the event at hand (``prop`` conditions read its ``properties``);
+    ``history`` is the contact's events (dicts with ``name``, ``properties`` and an aware
+    ``occurred_at``) and ``now`` the moment ``within`` counts back from, for ``event``
+    conditions.
+    """
+
+    def again(c: Condition) -> bool:
+        return evaluate(c, contact, event, history=history, now=now)
+
     match condition:
         case AllCondition():
-            return all(evaluate(c, contact, event) for c in condition.all)
+            return all(again(c) for c in condition.all)
         case AnyCondition():
-            return any(evaluate(c, contact, event) for c in condition.any)
+            return any(again(c) for c in condition.any)
         case NotCondition():
-            return not evaluate(condition.not_, contact, event)
+            return not again(condition.not_)
         case AttrCondition():
             return _holds(condition.op, contact_value(contact, condition.attr), condition.value)
         case PropCondition():
@@ -173,4 +222,14 @@ def evaluate(
             return _holds(condition.op, _MISSING if actual is None else actual, condition.value)
         case ScoreCondition():
             return int(contact.get("score") or 0) >= condition.score_gte
+        case EventCondition():
+            since = now - condition.window if now is not None and condition.window else None
+            count = sum(
+                1
+                for past in history or []
+                if past["name"] == condition.event
+                and (since is None or past["occurred_at"] >= since)
+                and (condition.where is None or evaluate(condition.where, contact, past))
+            )
+            return count >= condition.count_gte
     raise TypeError(f"not a condition: {condition!r}")
