@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         default="Nurture <hello@nurture.localhost>", description="From address of emails."
     )
 
+    sms_from: str = Field(default="+15550100000", description="Sender number of SMS (E.164).")
+    webhook_secret: str | None = Field(
+        default=None,
+        description="HMAC key that signs outbound webhook steps (X-Nurture-Signature). "
+        "Unset: the run command generates one and keeps it in data_dir.",
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

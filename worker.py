@@ -15,9 +15,11 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.contacts import ContactActivities
-from activities.email import EmailActivities
+from activities.contacts import ContactActivities, ContactUpdateActivities
+from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
+from activities.messaging import MessagingActivities
+from activities.webhooks import WebhookActivities
 from settings import Settings, get_settings
 from workflows.journey import JourneyWorkflow
 
@@ -27,9 +29,22 @@ WORKFLOWS = [JourneyWorkflow]
 def build_activities(settings: Settings) -> list[Callable[..., Any]]:
     """Every activity the journeys call, bound to these settings."""
     contacts = ContactActivities(settings.database_url)
-    email = EmailActivities(settings)
-    enrollments = EnrollmentActivities(settings.database_url)
-    return [contacts.load_contact, email.send_email, enrollments.finish_enrollment]
+    updates = ContactUpdateActivities(settings)
+    messaging = MessagingActivities(settings)
+    enrollments = EnrollmentActivities(settings)
+    crm = CrmActivities(settings)
+    webhooks = WebhookActivities(settings)
+    return [
+        contacts.load_contact,
+        updates.update_contact,
+        messaging.send_email,
+        messaging.send_sms,
+        enrollments.finish_enrollment,
+        enrollments.record_variant,
+        enrollments.enroll_contact,
+        crm.record_crm_action,
+        webhooks.call_webhook,
+    ]
 
 
 def build_worker(client: Client, settings: Settings, task_queue: str | None = None) -> Worker:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import uuid
 
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col
 from temporalio import activity
 
-from models.contracts import ContactSnapshot, LoadContactInput
+from models.contracts import ContactSnapshot, LoadContactInput, UpdateContactInput
 from models.db import session_scope
-from models.tables import Contact
+from models.tables import AppliedUpdate, Contact, utcnow
+from settings import Settings
 
 
 def snapshot(contact: Contact) -> ContactSnapshot:
@@ -35,4 +38,53 @@ class ContactActivities:
             contact = await session.get(Contact, uuid.UUID(input.contact_id))
             if contact is None or contact.erased_at is not None:
                 return ContactSnapshot(id=input.contact_id, found=False)
+            return snapshot(contact)
+
+
+async def apply_update(contact: Contact, input: UpdateContactInput) -> None:
+    """Apply an update_contact step (or API change) to a loaded contact."""
+    if input.set:
+        merged = dict(contact.attributes)
+        for name, value in input.set.items():
+            if value is None:
+                merged.pop(name, None)
+            elif name in ("timezone", "lifecycle_stage"):
+                setattr(contact, name, value)
+            else:
+                merged[name] = value
+        contact.attributes = merged
+    if input.add_tags or input.remove_tags:
+        tags = [t for t in contact.tags if t not in input.remove_tags]
+        contact.tags = tags + [t for t in input.add_tags if t not in tags]
+    if input.score:
+        contact.score += input.score
+    if input.lifecycle_stage:
+        contact.lifecycle_stage = input.lifecycle_stage
+    contact.updated_at = utcnow()
+
+
+class ContactUpdateActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.database_url = settings.database_url
+
+    @activity.defn(name="update_contact")
+    async def update_contact(self, input: UpdateContactInput) -> ContactSnapshot:
+        """Set attributes, tags, a score delta and the stage, once per business key.
+
+        The key is recorded in the same transaction as the change, so a retry after a
+        commit whose completion was lost does not add the score twice.
+        """
+        async with session_scope(self.database_url) as session:
+            contact = await session.get(Contact, uuid.UUID(input.contact_id), with_for_update=True)
+            if contact is None or contact.erased_at is not None:
+                return ContactSnapshot(id=input.contact_id, found=False)
+            first_time = await session.exec(
+                insert(AppliedUpdate)
+                .values(idempotency_key=input.idempotency_key, contact_id=contact.id)
+                .on_conflict_do_nothing()
+                .returning(col(AppliedUpdate.idempotency_key))
+            )
+            if first_time.first() is not None:
+                await apply_update(contact, input)
+                session.add(contact)
             return snapshot(contact)

@@ -1,20 +1,233 @@
-"""Activities that record an enrollment's life in the database."""
+"""Enrollments: starting a contact's run of a journey (idempotent, re-entry aware), and
+recording what the run did. Used by the API, event triggers and the ``enroll`` step."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from typing import Any
 
-from sqlmodel import col, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from models.contracts import FinishEnrollmentInput
+from models.contracts import (
+    SA_CONTACT,
+    SA_JOURNEY,
+    SA_STATUS,
+    SA_VERSION,
+    EnrollInput,
+    EnrollResult,
+    EventSignal,
+    FinishEnrollmentInput,
+    JourneyInput,
+    RecordVariantInput,
+    journey_workflow_id,
+)
 from models.db import session_scope
-from models.tables import Enrollment, EnrollmentStatus, utcnow
+from models.journey import ReentryAfter, parse_journey
+from models.tables import (
+    Contact,
+    Enrollment,
+    EnrollmentStatus,
+    Journey,
+    JourneyStatus,
+    JourneyVersion,
+    utcnow,
+)
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EnrollmentRefused(Exception):
+    """The journey takes no new contacts (draft or stopped)."""
+
+
+async def enroll(
+    session: AsyncSession,
+    temporal: Client,
+    settings: Settings,
+    journey: Journey,
+    contact: Contact,
+    *,
+    trigger: dict[str, Any] | None = None,
+    run_key: str = "",
+    trigger_signal: EventSignal | None = None,
+) -> tuple[Enrollment, bool]:
+    """Enroll a contact in a journey's current version; return (enrollment, created).
+
+    Idempotent: the enrollment row is committed first (a partial unique index allows one
+    active run per journey, contact and key value), then the workflow is started under a
+    deterministic id; a retry after a crash between the two finishes the job. Re-entry
+    follows the journey's policy: ``never`` returns the earlier enrollment, ``after_exit``
+    and ``{after: ...}`` start a new run once the last one ended (and cooled down).
+    """
+    if journey.status not in (JourneyStatus.active, JourneyStatus.paused):
+        raise EnrollmentRefused(
+            f"journey {journey.key!r} is {journey.status}: "
+            + (
+                "publish it before enrolling"
+                if journey.status == JourneyStatus.draft
+                else "it takes no new contacts"
+            )
+        )
+    version = (
+        await session.exec(
+            select(JourneyVersion)
+            .where(JourneyVersion.journey_id == journey.id)
+            .where(JourneyVersion.version == journey.current_version)
+        )
+    ).one()
+    document = parse_journey(version.document)
+    latest = await _latest_enrollment(session, journey.id, contact.id, run_key)
+    if latest is not None and latest.status == EnrollmentStatus.active:
+        # Finish an earlier attempt that stored the row but may not have started the run.
+        started_on = await session.get(JourneyVersion, latest.journey_version_id)
+        assert started_on is not None
+        await _start(
+            temporal, settings, journey, started_on, latest, trigger, trigger_signal, reentry=False
+        )
+        return latest, False
+    if latest is not None:
+        if document.reentry == "never":
+            return latest, False
+        if isinstance(document.reentry, ReentryAfter) and latest.ended_at is not None:
+            cooldown = document.cooldown
+            assert cooldown is not None
+            if utcnow() - latest.ended_at < cooldown:
+                return latest, False
+    inserted = await session.exec(
+        insert(Enrollment)
+        .values(
+            id=uuid.uuid4(),
+            journey_id=journey.id,
+            journey_version_id=version.id,
+            contact_id=contact.id,
+            run_key=run_key,
+            workflow_id=journey_workflow_id(journey.key, str(contact.id), run_key),
+            status=EnrollmentStatus.active,
+            started_at=utcnow(),
+        )
+        .on_conflict_do_nothing()
+        .returning(col(Enrollment.id))
+    )
+    created = inserted.first() is not None
+    await session.commit()
+    current = await _latest_enrollment(session, journey.id, contact.id, run_key)
+    assert current is not None
+    if created:
+        await _start(
+            temporal, settings, journey, version, current, trigger, trigger_signal,
+            reentry=latest is not None,
+        )  # fmt: skip
+        await session.refresh(current)
+    return current, created
+
+
+async def _latest_enrollment(
+    session: AsyncSession, journey_id: uuid.UUID, contact_id: uuid.UUID, run_key: str
+) -> Enrollment | None:
+    return (
+        await session.exec(
+            select(Enrollment)
+            .where(Enrollment.journey_id == journey_id)
+            .where(Enrollment.contact_id == contact_id)
+            .where(Enrollment.run_key == run_key)
+            .order_by(col(Enrollment.started_at).desc())
+        )
+    ).first()
+
+
+async def _start(
+    temporal: Client,
+    settings: Settings,
+    journey: Journey,
+    version: JourneyVersion,
+    enrollment: Enrollment,
+    trigger: dict[str, Any] | None,
+    trigger_signal: EventSignal | None,
+    *,
+    reentry: bool,
+) -> None:
+    from workflows.journey import JourneyWorkflow
+
+    document = parse_journey(version.document)
+    options: dict[str, Any] = {}
+    if trigger_signal is not None:
+        options = {"start_signal": "event", "start_signal_args": [trigger_signal]}
+    # A re-entry must not attach to the previous run while it is still closing.
+    conflict = WorkflowIDConflictPolicy.FAIL if reentry else WorkflowIDConflictPolicy.USE_EXISTING
+    reuse = (
+        WorkflowIDReusePolicy.REJECT_DUPLICATE
+        if document.reentry == "never"
+        else WorkflowIDReusePolicy.ALLOW_DUPLICATE
+    )
+    for attempt in range(50):
+        try:
+            handle = await temporal.start_workflow(
+                JourneyWorkflow.run,
+                JourneyInput(
+                    enrollment_id=str(enrollment.id),
+                    journey_key=journey.key,
+                    journey_version=version.version,
+                    document=version.document,
+                    contact_id=str(enrollment.contact_id),
+                    trigger=trigger,
+                    run_key=enrollment.run_key,
+                ),
+                id=enrollment.workflow_id,
+                task_queue=settings.task_queue,
+                id_conflict_policy=conflict,
+                id_reuse_policy=reuse,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(SA_JOURNEY, journey.key),
+                        SearchAttributePair(SA_VERSION, version.version),
+                        SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
+                        SearchAttributePair(SA_STATUS, "active"),
+                    ]
+                ),
+                static_summary=(
+                    f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}"
+                ),
+                static_details=(
+                    f"Journey **{journey.key}** version {version.version}\n\n"
+                    f"Contact `{enrollment.contact_id}`, enrollment `{enrollment.id}`"
+                    + (f", key `{enrollment.run_key}`" if enrollment.run_key else "")
+                ),
+                **options,
+            )
+        except WorkflowAlreadyStartedError:
+            if not reentry:
+                return  # that run already ended; the enrollment row says how
+            await asyncio.sleep(0.1 * (attempt + 1))
+            continue
+        if enrollment.run_id is None and handle.first_execution_run_id:
+            async with session_scope(settings.database_url) as session:
+                await session.exec(
+                    update(Enrollment)
+                    .where(col(Enrollment.id) == enrollment.id)
+                    .values(run_id=handle.first_execution_run_id)
+                )
+        return
+    raise RuntimeError(f"the previous run of {enrollment.workflow_id} did not close in time")
 
 
 class EnrollmentActivities:
-    def __init__(self, database_url: str | None = None) -> None:
-        self.database_url = database_url
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database_url = settings.database_url
 
     @activity.defn(name="finish_enrollment")
     async def finish_enrollment(self, input: FinishEnrollmentInput) -> None:
@@ -27,6 +240,43 @@ class EnrollmentActivities:
                 .values(
                     status=EnrollmentStatus(input.status),
                     exit_reason=input.exit_reason,
+                    goal=input.goal,
                     ended_at=utcnow(),
                 )
             )
+
+    @activity.defn(name="record_variant")
+    async def record_variant(self, input: RecordVariantInput) -> None:
+        async with session_scope(self.database_url) as session:
+            await session.exec(
+                update(Enrollment)
+                .where(col(Enrollment.id) == uuid.UUID(input.enrollment_id))
+                .values(variant=input.variant)
+            )
+
+    @activity.defn(name="enroll_contact")
+    async def enroll_contact(self, input: EnrollInput) -> EnrollResult:
+        """The ``enroll`` step: start this contact in another journey."""
+        async with session_scope(self.database_url) as session:
+            journey = (
+                await session.exec(select(Journey).where(Journey.key == input.journey_key))
+            ).first()
+            contact = await session.get(Contact, uuid.UUID(input.contact_id))
+            if journey is None:
+                return EnrollResult(False, reason=f"no journey {input.journey_key!r}")
+            if contact is None or contact.erased_at is not None:
+                return EnrollResult(False, reason="contact erased")
+            try:
+                enrollment, created = await enroll(
+                    session,
+                    activity.client(),
+                    self.settings,
+                    journey,
+                    contact,
+                    trigger=input.trigger,
+                )
+            except EnrollmentRefused as refused:
+                return EnrollResult(False, reason=str(refused))
+        return EnrollResult(
+            created, str(enrollment.id), None if created else f"already {enrollment.status}"
+        )

@@ -71,6 +71,11 @@ def _render(source: str | None, context: dict[str, Any], *, html: bool) -> str |
         raise TemplateError(f"template failed to render: {err}") from None
 
 
+def render_text(source: str, context: dict[str, Any]) -> str:
+    """Plain text (SMS bodies, webhook bodies): no HTML escaping."""
+    return _render(source, context, html=False) or ""
+
+
 def render_email(
     subject: str | None, html: str | None, text: str | None, context: dict[str, Any]
 ) -> RenderedEmail:

@@ -180,6 +180,12 @@ class JourneyVersionPublic(BaseModel):
     published_at: datetime
 
 
+class JourneyStatusResult(BaseModel):
+    key: str
+    status: str
+    enrollments_signalled: int
+
+
 class EnrollIn(ContactRef):
     trigger: dict[str, Any] | None = Field(
         default=None, description="Event data templates and conditions see as `trigger`."
@@ -204,9 +210,22 @@ class EnrollmentPublic(BaseModel):
     exit_reason: str | None
     started_at: datetime
     ended_at: datetime | None
+    goal: str | None = None
+    variant: str | None = None
+    run_key: str = ""
     current_step: str | None = None
+    waiting_for: str | None = None
+    next_wakeup: str | None = None
     history: list[StepRecordPublic] = Field(default_factory=list)
     temporal_ui_url: str | None = None
+
+
+class MoveIn(_Body):
+    """An operator's move: ``goto`` a step, or ``exit`` the journey."""
+
+    action: str = Field(pattern="^(goto|exit)$")
+    step: str | None = None
+    reason: str | None = Field(default=None, max_length=200)
 
 
 class EnrollResult(BaseModel):

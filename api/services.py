@@ -1,35 +1,22 @@
-"""Work the routes share: finding contacts, enrolling them, delivering events."""
+"""Work the routes share: finding contacts and journeys, delivering events and changes."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import uuid
 from typing import Any
 
 from fastapi import HTTPException, status
-from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.contacts import snapshot
+from activities.enrollments import EnrollmentRefused, enroll
 from api.schemas import ContactRef
-from models.contracts import (
-    SA_CONTACT,
-    SA_JOURNEY,
-    SA_STATUS,
-    EventSignal,
-    JourneyInput,
-    journey_workflow_id,
-)
+from models.conditions import evaluate
+from models.contracts import ContactChangedSignal, EventSignal, JourneyStatusSignal
+from models.journey import parse_journey
 from models.tables import (
     Contact,
     Enrollment,
@@ -41,7 +28,6 @@ from models.tables import (
     utcnow,
 )
 from settings import Settings
-from workflows.journey import JourneyWorkflow
 
 log = logging.getLogger(__name__)
 
@@ -71,119 +57,32 @@ async def get_journey(session: AsyncSession, key: str) -> Journey:
     return journey
 
 
-async def enroll(
-    session: AsyncSession,
-    temporal: Client,
-    settings: Settings,
-    journey: Journey,
-    contact: Contact,
-    trigger: dict[str, Any] | None = None,
-) -> tuple[Enrollment, bool]:
-    """Enroll a contact in a journey's current version; idempotent.
-
-    The enrollment row is committed first (its partial unique index allows one active
-    run per journey and contact), then the workflow is started with a deterministic id
-    and USE_EXISTING, so a retry after a crash between the two finishes the job.
-    """
-    if journey.status != JourneyStatus.active or journey.current_version is None:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"journey {journey.key!r} is {journey.status}: publish it before enrolling",
-        )
-    existing = await _latest_enrollment(session, journey.id, contact.id)
-    created = False
-    if existing is None:
-        version = (
-            await session.exec(
-                select(JourneyVersion)
-                .where(JourneyVersion.journey_id == journey.id)
-                .where(JourneyVersion.version == journey.current_version)
-            )
-        ).one()
-        enrollment_id = uuid.uuid4()
-        inserted = await session.exec(
-            insert(Enrollment)
-            .values(
-                id=enrollment_id,
-                journey_id=journey.id,
-                journey_version_id=version.id,
-                contact_id=contact.id,
-                run_key="",
-                workflow_id=journey_workflow_id(journey.key, str(contact.id)),
-                status=EnrollmentStatus.active,
-                started_at=utcnow(),
-            )
-            .on_conflict_do_nothing()
-            .returning(col(Enrollment.id))
-        )
-        created = inserted.first() is not None
-        await session.commit()
-        existing = await _latest_enrollment(session, journey.id, contact.id)
-        assert existing is not None
-        if created:
-            await _start_workflow(temporal, settings, journey, version, existing, trigger)
-    elif existing.status == EnrollmentStatus.active:
-        # Finish an earlier attempt that stored the row but may not have started the run.
-        started_on = await session.get(JourneyVersion, existing.journey_version_id)
-        assert started_on is not None
-        await _start_workflow(temporal, settings, journey, started_on, existing, trigger)
-    return existing, created
+async def _signal_active(
+    session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
+) -> int:
+    """Send a signal to every active enrollment matching ``where``; return how many got it."""
+    query = select(Enrollment.workflow_id).where(Enrollment.status == EnrollmentStatus.active)
+    for name, value in where.items():
+        query = query.where(getattr(Enrollment, name) == value)
+    delivered = 0
+    for workflow_id in (await session.exec(query)).all():
+        try:
+            await temporal.get_workflow_handle(workflow_id).signal(signal_name, arg)
+            delivered += 1
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.info("workflow %s already closed; %s not delivered", workflow_id, signal_name)
+    return delivered
 
 
-async def _latest_enrollment(
-    session: AsyncSession, journey_id: uuid.UUID, contact_id: uuid.UUID
-) -> Enrollment | None:
-    # Re-entry is "never" until the journey language grows re-entry policies: any
-    # earlier enrollment, active or ended, is the answer.
-    return (
-        await session.exec(
-            select(Enrollment)
-            .where(Enrollment.journey_id == journey_id)
-            .where(Enrollment.contact_id == contact_id)
-            .order_by(col(Enrollment.started_at).desc())
-        )
-    ).first()
-
-
-async def _start_workflow(
-    temporal: Client,
-    settings: Settings,
-    journey: Journey,
-    version: JourneyVersion,
-    enrollment: Enrollment,
-    trigger: dict[str, Any] | None,
-) -> None:
-    # WorkflowAlreadyStartedError: that run already ended; the enrollment row says how.
-    with contextlib.suppress(WorkflowAlreadyStartedError):
-        await temporal.start_workflow(
-            JourneyWorkflow.run,
-            JourneyInput(
-                enrollment_id=str(enrollment.id),
-                journey_key=journey.key,
-                journey_version=version.version,
-                document=version.document,
-                contact_id=str(enrollment.contact_id),
-                trigger=trigger,
-            ),
-            id=enrollment.workflow_id,
-            task_queue=settings.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(SA_JOURNEY, journey.key),
-                    SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
-                    SearchAttributePair(SA_STATUS, "active"),
-                ]
-            ),
-            static_summary=(
-                f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}"
-            ),
-            static_details=(
-                f"Journey **{journey.key}** version {version.version}\n\n"
-                f"Contact `{enrollment.contact_id}`, enrollment `{enrollment.id}`"
-            ),
-        )
+def event_signal(event: Event) -> EventSignal:
+    return EventSignal(
+        event_id=str(event.id),
+        name=event.name,
+        properties=event.properties,
+        occurred_at=event.occurred_at.isoformat(),
+    )
 
 
 async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -> int:
@@ -193,31 +92,91 @@ async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -
     """
     if event.contact_id is None:
         return 0
-    workflow_ids = (
-        await session.exec(
-            select(Enrollment.workflow_id)
-            .where(Enrollment.contact_id == event.contact_id)
-            .where(Enrollment.status == EnrollmentStatus.active)
-        )
-    ).all()
-    signal = EventSignal(
-        event_id=str(event.id),
-        name=event.name,
-        properties=event.properties,
-        occurred_at=event.occurred_at.isoformat(),
+    delivered = await _signal_active(
+        session, temporal, "event", event_signal(event), contact_id=event.contact_id
     )
-    delivered = 0
-    for workflow_id in workflow_ids:
-        handle: WorkflowHandle[Any, Any] = temporal.get_workflow_handle(workflow_id)
-        try:
-            await handle.signal(JourneyWorkflow.event, signal)
-            delivered += 1
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            log.info(
-                "workflow %s already closed; event %s not delivered to it", workflow_id, event.id
-            )
     event.delivered_at = utcnow()
     session.add(event)
     return delivered
+
+
+async def start_triggered(
+    session: AsyncSession, temporal: Client, settings: Settings, event: Event
+) -> list[str]:
+    """Enroll the event's contact in every journey this event triggers; return their keys.
+
+    Racing events are safe: the enrollment row's unique index and the deterministic
+    workflow id leave exactly one run per (journey, contact, key value).
+    """
+    if event.contact_id is None:
+        return []
+    contact = await session.get(Contact, event.contact_id)
+    journeys = (
+        await session.exec(
+            select(Journey)
+            .where(Journey.trigger_event == event.name)
+            .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
+        )
+    ).all()
+    started = []
+    for journey in journeys:
+        version = (
+            await session.exec(
+                select(JourneyVersion)
+                .where(JourneyVersion.journey_id == journey.id)
+                .where(JourneyVersion.version == journey.current_version)
+            )
+        ).one()
+        trigger = parse_journey(version.document).trigger
+        if trigger is None or contact is None:
+            continue
+        if trigger.where is not None and not evaluate(
+            trigger.where, {}, {"properties": event.properties}
+        ):
+            continue
+        run_key = ""
+        if trigger.key:
+            value = event.properties.get(trigger.key)
+            if value is None or value == "":
+                log.info("event %s lacks key %s for journey %s", event.id, trigger.key, journey.key)
+                continue
+            run_key = str(value)
+        signal = event_signal(event)
+        try:
+            _, created = await enroll(
+                session,
+                temporal,
+                settings,
+                journey,
+                contact,
+                trigger={"event": event.name, "id": signal.event_id, **signal.__dict__},
+                run_key=run_key,
+                trigger_signal=signal,
+            )
+        except EnrollmentRefused:
+            continue
+        if created:
+            started.append(journey.key)
+    return started
+
+
+async def notify_contact_changed(session: AsyncSession, temporal: Client, contact: Contact) -> int:
+    return await _signal_active(
+        session,
+        temporal,
+        "contact_changed",
+        ContactChangedSignal(snapshot(contact)),
+        contact_id=contact.id,
+    )
+
+
+async def notify_journey_status(
+    session: AsyncSession, temporal: Client, journey: Journey, new_status: JourneyStatus
+) -> int:
+    return await _signal_active(
+        session,
+        temporal,
+        "journey_status",
+        JourneyStatusSignal(new_status),
+        journey_id=journey.id,
+    )

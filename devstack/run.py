@@ -24,6 +24,7 @@ import httpx
 
 from devstack.examples import load_examples
 from devstack.postgres import create_database, migrate, start_embedded, stop_embedded
+from devstack.temporal import cli_type
 from models.contracts import SEARCH_ATTRIBUTES
 from settings import PROJECT_DIR, Settings, generate_api_key
 
@@ -53,11 +54,10 @@ def wait_until(
     raise SystemExit(f"{what} did not come up within {seconds:.0f}s")
 
 
-def api_key_for(settings: Settings) -> str:
-    """The configured key, else one generated once and kept in the data directory."""
-    if settings.api_key:
-        return settings.api_key
-    path = settings.data_dir / "api_key"
+def kept_secret(configured: str | None, path: Path) -> str:
+    """The configured secret, else one generated once and kept in the data directory."""
+    if configured:
+        return configured
     if not path.exists():
         path.write_text(generate_api_key())
         path.chmod(0o600)
@@ -100,7 +100,7 @@ class Stack:
             "--log-level", "warn",
         ]  # fmt: skip
         for key in SEARCH_ATTRIBUTES:
-            args += ["--search-attribute", f"{key.name}=Keyword"]
+            args += ["--search-attribute", f"{key.name}={cli_type(key)}"]
         proc = self.spawn("temporal", args, env)
         wait_until(lambda: port_open(host, port), "the Temporal dev server", 60, proc)
         say(f"Temporal: dev server on {host}:{port}, UI on {self.settings.temporal_ui_url}")
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        api_key = api_key_for(settings)
+        api_key = kept_secret(settings.api_key, settings.data_dir / "api_key")
+        webhook_secret = kept_secret(settings.webhook_secret, settings.data_dir / "webhook_secret")
         database_url = stack.database()
         migrate(database_url)
         say("database migrated")
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "NURTURE_DATABASE_URL": database_url,
             "NURTURE_API_KEY": api_key,
+            "NURTURE_WEBHOOK_SECRET": webhook_secret,
             "NURTURE_DATA_DIR": str(settings.data_dir),
         }
         stack.temporal(env)

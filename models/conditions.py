@@ -1,12 +1,34 @@
 """The condition language: one definition, used by branches, ``where`` filters and goals.
 
 This module holds the definition and the Python evaluator (one contact, one event).
-The SQL compiler for segments evaluates the same definition and must agree with it.
+The SQL compiler for segments (``models.conditions_sql``) evaluates the same definition
+and must agree with it; ``tests/test_condition_agreement.py`` checks that they do.
+
+How a value is compared (the same rule in both evaluators):
+
+- Values are JSON. A missing attribute or property, and a JSON ``null``, is *missing*:
+  it satisfies only ``not_exists``, ``ne`` and ``not_in``.
+- On a list, a comparison holds when any element satisfies it (so an empty list
+  satisfies nothing but ``exists``). Elements are compared one by one, not recursively.
+- Values compare only within one JSON type: number with number, string with string,
+  boolean with boolean. A boolean is not a number (``true`` never equals ``1``).
+  Objects, nested lists, ``null`` elements and non-finite numbers equal nothing.
+- Numbers compare by decimal value, as PostgreSQL's ``numeric`` does: ``1`` equals
+  ``1.0``, and a float counts as the decimal it is written as in JSON (its ``repr``).
+- ``eq`` / ``in`` need the same type and value; ``ne`` is "not ``eq``" and ``not_in``
+  is "not ``in``", so a type mismatch makes them true.
+- ``gt`` / ``gte`` / ``lt`` / ``lte`` hold on two numbers or two strings; strings order
+  by code point (PostgreSQL ``COLLATE "C"``). Any other pair is false.
+- ``contains`` / ``starts_with`` hold on two strings, case-sensitively.
+- An ``event`` condition counts the contact's history wherever it appears, also inside
+  another event condition's ``where``; ``prop`` there reads the innermost event.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -143,35 +165,72 @@ def contact_value(contact: dict[str, Any], name: str) -> Any:
     return _MISSING if value is None else value
 
 
+def json_kind(value: Any) -> str | None:
+    """The JSON type a value compares as (``number``, ``string``, ``boolean``), or None
+    for values that compare with nothing (objects, lists, null, non-finite numbers)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "number"
+    if isinstance(value, float):
+        return "number" if math.isfinite(value) else None
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def json_number(value: int | float) -> Decimal:
+    """A JSON number as PostgreSQL's ``numeric`` sees it: a float is the decimal it is
+    written as in JSON (``repr``), not its binary value."""
+    return Decimal(value)
+
+
+def _comparable(actual: Any, expected: Any) -> tuple[Any, Any] | None:
+    kind = json_kind(actual)
+    if kind is None or kind != json_kind(expected):
+        return None
+    if kind == "number":
+        return json_number(actual), json_number(expected)
+    return actual, expected
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    pair = _comparable(actual, expected)
+    return pair is not None and pair[0] == pair[1]
+
+
 def _compare(op: str, actual: Any, expected: Any) -> bool:
-    try:
-        match op:
-            case "eq":
-                return bool(actual == expected)
-            case "ne":
-                return bool(actual != expected)
-            case "gt":
-                return bool(actual > expected)
-            case "gte":
-                return bool(actual >= expected)
-            case "lt":
-                return bool(actual < expected)
-            case "lte":
-                return bool(actual <= expected)
-            case "in":
-                return actual in expected
-            case "not_in":
-                return actual not in expected
-            case "contains":
-                return isinstance(actual, str) and isinstance(expected, str) and expected in actual
-            case "starts_with":
-                return (
-                    isinstance(actual, str)
-                    and isinstance(expected, str)
-                    and actual.startswith(expected)
-                )
-    except TypeError:
-        return False
+    match op:
+        case "eq":
+            return _equal(actual, expected)
+        case "ne":
+            return not _equal(actual, expected)
+        case "in":
+            return any(_equal(actual, item) for item in expected)
+        case "not_in":
+            return not any(_equal(actual, item) for item in expected)
+        case "gt" | "gte" | "lt" | "lte":
+            pair = _comparable(actual, expected)
+            if pair is None or isinstance(actual, bool):
+                return False
+            left, right = pair
+            match op:
+                case "gt":
+                    return bool(left > right)
+                case "gte":
+                    return bool(left >= right)
+                case "lt":
+                    return bool(left < right)
+                case _:
+                    return bool(left <= right)
+        case "contains":
+            return isinstance(actual, str) and isinstance(expected, str) and expected in actual
+        case "starts_with":
+            return (
+                isinstance(actual, str)
+                and isinstance(expected, str)
+                and actual.startswith(expected)
+            )
     raise ValueError(f"unknown operator {op!r}")
 
 
@@ -229,7 +288,10 @@ def evaluate(
                 for past in history or []
                 if past["name"] == condition.event
                 and (since is None or past["occurred_at"] >= since)
-                and (condition.where is None or evaluate(condition.where, contact, past))
+                and (
+                    condition.where is None
+                    or evaluate(condition.where, contact, past, history=history, now=now)
+                )
             )
             return count >= condition.count_gte
     raise TypeError(f"not a condition: {condition!r}")

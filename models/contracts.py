@@ -15,7 +15,8 @@ SA_JOURNEY = SearchAttributeKey.for_keyword("NurtureJourney")
 SA_CONTACT = SearchAttributeKey.for_keyword("NurtureContact")
 SA_STEP = SearchAttributeKey.for_keyword("NurtureStep")
 SA_STATUS = SearchAttributeKey.for_keyword("NurtureStatus")
-SEARCH_ATTRIBUTES = (SA_JOURNEY, SA_CONTACT, SA_STEP, SA_STATUS)
+SA_VERSION = SearchAttributeKey.for_int("NurtureJourneyVersion")
+SEARCH_ATTRIBUTES = (SA_JOURNEY, SA_CONTACT, SA_STEP, SA_STATUS, SA_VERSION)
 
 
 def journey_workflow_id(journey_key: str, contact_id: str, run_key: str = "") -> str:
@@ -34,37 +35,6 @@ class StepRecord:
 
 
 @dataclass
-class JourneyState:
-    """Everything the journey knows; carried across continue-as-new."""
-
-    position: int = 0
-    status: str = "active"  # active | completed | exited | failed
-    exit_reason: str | None = None
-    visits: dict[str, int] = field(default_factory=dict)
-    history: list[StepRecord] = field(default_factory=list)
-    seen_event_ids: list[str] = field(default_factory=list)
-    steps_taken: int = 0
-
-
-@dataclass
-class JourneyInput:
-    enrollment_id: str
-    journey_key: str
-    journey_version: int
-    document: dict[str, Any]
-    contact_id: str
-    trigger: dict[str, Any] | None = None
-    state: JourneyState | None = None
-
-
-@dataclass
-class JourneyResult:
-    status: str
-    exit_reason: str | None = None
-    steps_taken: int = 0
-
-
-@dataclass
 class EventSignal:
     """An event of this contact, delivered to each of its running journeys."""
 
@@ -75,27 +45,8 @@ class EventSignal:
 
 
 @dataclass
-class JourneyStateView:
-    """What the enrollment-state query answers."""
-
-    enrollment_id: str
-    journey_key: str
-    journey_version: int
-    contact_id: str
-    status: str
-    current_step: str | None
-    exit_reason: str | None
-    history: list[StepRecord]
-
-
-@dataclass
-class LoadContactInput:
-    contact_id: str
-
-
-@dataclass
 class ContactSnapshot:
-    """The contact fields conditions and templates see (no PII beyond what they need)."""
+    """The contact fields conditions and templates see."""
 
     id: str
     found: bool = True
@@ -110,7 +61,98 @@ class ContactSnapshot:
 
 
 @dataclass
-class SendEmailInput:
+class JourneyState:
+    """Everything the journey knows; carried across continue-as-new."""
+
+    position: int = 0
+    status: str = "active"  # active | completed | exited | failed
+    exit_reason: str | None = None
+    visits: dict[str, int] = field(default_factory=dict)
+    history: list[StepRecord] = field(default_factory=list)
+    seen_event_ids: list[str] = field(default_factory=list)
+    steps_taken: int = 0
+    contact: ContactSnapshot | None = None
+    recent_events: list[EventSignal] = field(default_factory=list)
+    journey_status: str = "active"  # active | paused (stopped ends the run)
+    goal: str | None = None  # which exit_when goal was reached
+    variant: str | None = None  # the variant the last split chose
+    runs: int = 1  # how many runs (continue-as-new) this enrollment has used
+
+
+@dataclass
+class JourneyInput:
+    enrollment_id: str
+    journey_key: str
+    journey_version: int
+    document: dict[str, Any]
+    contact_id: str
+    trigger: dict[str, Any] | None = None
+    state: JourneyState | None = None
+    run_key: str = ""
+    history_budget: int = 5_000
+
+
+@dataclass
+class JourneyResult:
+    status: str
+    exit_reason: str | None = None
+    steps_taken: int = 0
+    goal: str | None = None
+
+
+@dataclass
+class ContactChangedSignal:
+    """The contact's profile changed (API upsert or another journey's update)."""
+
+    contact: ContactSnapshot
+
+
+@dataclass
+class JourneyStatusSignal:
+    status: str  # active | paused | stopped
+
+
+@dataclass
+class ControlRequest:
+    """An operator's move: ``goto`` a step, or ``exit`` the journey."""
+
+    action: str
+    step: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class ControlResult:
+    accepted: bool
+    message: str
+
+
+@dataclass
+class JourneyStateView:
+    """What the enrollment-state query answers."""
+
+    enrollment_id: str
+    journey_key: str
+    journey_version: int
+    contact_id: str
+    status: str
+    current_step: str | None
+    exit_reason: str | None
+    history: list[StepRecord]
+    waiting_for: str | None = None
+    next_wakeup: str | None = None
+    goal: str | None = None
+    variant: str | None = None
+    journey_status: str = "active"
+
+
+@dataclass
+class LoadContactInput:
+    contact_id: str
+
+
+@dataclass
+class SendMessageInput:
     idempotency_key: str
     enrollment_id: str
     contact_id: str
@@ -124,10 +166,79 @@ class SendEmailInput:
 
 
 @dataclass
-class SendEmailResult:
-    message_id: str
-    status: str  # sent | skipped | failed
+class SendMessageResult:
+    message_id: str | None
+    status: str  # sent | skipped | failed | held (journey paused: nothing written)
     reason: str | None = None
+
+
+# The names the first workflow code used; payloads are the same JSON.
+SendEmailInput = SendMessageInput
+SendEmailResult = SendMessageResult
+
+
+@dataclass
+class UpdateContactInput:
+    idempotency_key: str
+    contact_id: str
+    set: dict[str, Any] = field(default_factory=dict)
+    add_tags: list[str] = field(default_factory=list)
+    remove_tags: list[str] = field(default_factory=list)
+    score: int | None = None
+    lifecycle_stage: str | None = None
+
+
+@dataclass
+class CrmInput:
+    idempotency_key: str
+    contact_id: str
+    enrollment_id: str
+    journey_key: str
+    step_id: str
+    action: str
+    note: str | None = None
+    owner: str | None = None
+    due_in_seconds: int | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WebhookInput:
+    idempotency_key: str
+    contact_id: str
+    journey_key: str
+    step_id: str
+    url: str
+    method: str = "POST"
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    trigger: dict[str, Any] | None = None
+
+
+@dataclass
+class WebhookResult:
+    status_code: int
+
+
+@dataclass
+class EnrollInput:
+    contact_id: str
+    journey_key: str
+    trigger: dict[str, Any] | None = None
+    source: str | None = None
+
+
+@dataclass
+class EnrollResult:
+    enrolled: bool
+    enrollment_id: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class RecordVariantInput:
+    enrollment_id: str
+    variant: str
 
 
 @dataclass
@@ -135,3 +246,4 @@ class FinishEnrollmentInput:
     enrollment_id: str
     status: str
     exit_reason: str | None = None
+    goal: str | None = None

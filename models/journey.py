@@ -5,14 +5,16 @@ Validation errors name the step and the field (see ``describe_errors``).
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
-from zoneinfo import available_timezones
+from zoneinfo import ZoneInfo, available_timezones
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -20,6 +22,7 @@ from pydantic import (
 
 from models.conditions import Condition, PropCondition
 from models.durations import parse_duration
+from models.schedule import Window, moment_at, parse_clock, parse_weekdays
 
 KEY_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 STEP_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -37,6 +40,30 @@ def _check_duration(value: str | None) -> str | None:
     return value
 
 
+def _check_offset(value: str | None) -> str | None:
+    if value is not None:
+        parse_offset(value)
+    return value
+
+
+def parse_offset(text: str) -> timedelta:
+    """A signed duration: ``-1d``, ``+2h``, ``30m``."""
+    sign = -1 if text.startswith("-") else 1
+    return sign * parse_duration(text.lstrip("+-"))
+
+
+def _check_clock(value: str | None) -> str | None:
+    if value is not None:
+        parse_clock(value)
+    return value
+
+
+def _check_weekdays(value: list[str] | None) -> list[str] | None:
+    if value is not None:
+        parse_weekdays(value)
+    return value
+
+
 class _Step(_Doc):
     id: str = Field(pattern=STEP_ID_PATTERN)
     label: str | None = Field(default=None, max_length=120, description="Plain-words name.")
@@ -46,27 +73,129 @@ class _Step(_Doc):
         return []
 
 
+class UntilClock(_Doc):
+    """A local time of day on allowed weekdays (``{time: "09:00", weekdays: [mon]}``)."""
+
+    time: str
+    weekdays: list[str] | None = None
+
+    _time = field_validator("time")(_check_clock)
+    _weekdays = field_validator("weekdays")(_check_weekdays)
+
+
+class UntilAt(_Doc):
+    """An absolute moment, in the contact's zone unless it carries an offset."""
+
+    at: str
+
+    @field_validator("at", mode="before")
+    @classmethod
+    def _moment(cls, value: Any) -> str:
+        text = value.isoformat() if isinstance(value, datetime | date) else str(value)
+        moment_at(text, ZoneInfo("UTC"))
+        return text
+
+
+class UntilDate(_Doc):
+    """A date from a contact attribute or a trigger-event property, with an offset."""
+
+    attr: str | None = Field(default=None, min_length=1)
+    prop: str | None = Field(default=None, min_length=1)
+    offset: str | None = None
+    time: str | None = None
+    yearly: bool = False
+
+    _offset = field_validator("offset")(_check_offset)
+    _time = field_validator("time")(_check_clock)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UntilDate:
+        if (self.attr is None) == (self.prop is None):
+            raise ValueError("until needs exactly one of attr, prop")
+        return self
+
+
+def _until_kind(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        if "at" in value:
+            return "at"
+        if "attr" in value or "prop" in value:
+            return "date"
+        if "time" in value:
+            return "time"
+    return None
+
+
+Until = Annotated[
+    Annotated[UntilClock, Tag("time")]
+    | Annotated[UntilAt, Tag("at")]
+    | Annotated[UntilDate, Tag("date")],
+    Discriminator(
+        _until_kind,
+        custom_error_type="unknown_until",
+        custom_error_message="until needs one of: time (+ weekdays), at, attr or prop",
+    ),
+]
+
+
 class WaitStep(_Step):
     type: Literal["wait"]
-    duration: str
+    duration: str | None = None
+    until: Until | None = None
 
     _duration = field_validator("duration")(_check_duration)
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> WaitStep:
+        if (self.duration is None) == (self.until is None):
+            raise ValueError("a wait needs exactly one of duration, until")
+        return self
+
     @property
     def delay(self) -> timedelta:
+        assert self.duration is not None
         return parse_duration(self.duration)
+
+
+class SendWindow(_Doc):
+    from_: str = Field(alias="from")
+    to: str
+    weekdays: list[str] | None = None
+    outside: Literal["defer", "skip"] = "defer"
+
+    _clocks = field_validator("from_", "to")(_check_clock)
+    _weekdays = field_validator("weekdays")(_check_weekdays)
+
+    @model_validator(mode="after")
+    def _spans(self) -> SendWindow:
+        Window.parse(self.from_, self.to, self.weekdays)
+        return self
+
+    @property
+    def window(self) -> Window:
+        return Window.parse(self.from_, self.to, self.weekdays)
 
 
 class EmailStep(_Step):
     type: Literal["email"]
     template: str = Field(pattern=KEY_PATTERN)
     subject: str | None = Field(default=None, max_length=998)
+    window: SendWindow | None = None
+
+
+class SmsStep(_Step):
+    type: Literal["sms"]
+    template: str = Field(pattern=KEY_PATTERN)
+    window: SendWindow | None = None
 
 
 class WaitForStep(_Step):
     type: Literal["wait_for"]
-    event: str = Field(min_length=1, max_length=200)
+    event: str | None = Field(default=None, min_length=1, max_length=200)
     where: Condition | None = None
+    condition: Condition | None = None
     timeout: str | None = None
     on_event: str | None = None
     on_timeout: str | None = None
@@ -74,7 +203,11 @@ class WaitForStep(_Step):
     _timeout = field_validator("timeout")(_check_duration)
 
     @model_validator(mode="after")
-    def _timeout_pairs(self) -> WaitForStep:
+    def _shape(self) -> WaitForStep:
+        if (self.event is None) == (self.condition is None):
+            raise ValueError("wait_for needs exactly one of event, condition")
+        if self.where is not None and self.event is None:
+            raise ValueError("where filters an event: give event too")
         if self.on_timeout is not None and self.timeout is None:
             raise ValueError("on_timeout needs a timeout")
         return self
@@ -101,6 +234,85 @@ class BranchStep(_Step):
         return [c.goto for c in self.cases] + ([self.else_] if self.else_ else [])
 
 
+class SplitVariant(_Doc):
+    weight: int = Field(gt=0, le=1_000_000)
+    goto: str
+    name: str | None = Field(default=None, pattern=STEP_ID_PATTERN)
+
+    @property
+    def variant(self) -> str:
+        return self.name or self.goto
+
+
+class SplitStep(_Step):
+    type: Literal["split"]
+    variants: list[SplitVariant] = Field(min_length=2, max_length=26)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SplitStep:
+        names = [v.variant for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError("variants need distinct names (name, or goto when unnamed)")
+        return self
+
+    def targets(self) -> list[str]:
+        return [v.goto for v in self.variants]
+
+
+class UpdateContactStep(_Step):
+    type: Literal["update_contact"]
+    set: dict[str, Any] = Field(default_factory=dict)
+    add_tags: list[str] = Field(default_factory=list)
+    remove_tags: list[str] = Field(default_factory=list)
+    score: int | None = Field(default=None, description="Added to the contact's score.")
+    lifecycle_stage: str | None = Field(default=None, min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _something(self) -> UpdateContactStep:
+        if not (
+            self.set or self.add_tags or self.remove_tags or self.score or self.lifecycle_stage
+        ):
+            raise ValueError(
+                "update_contact needs set, add_tags, remove_tags, score or lifecycle_stage"
+            )
+        protected = set(self.set) & {"email", "phone", "external_id", "score", "tags"}
+        if protected:
+            raise ValueError(f"set may not change {', '.join(sorted(protected))}")
+        return self
+
+
+class CrmStep(_Step):
+    type: Literal["crm"]
+    action: Literal["create_task", "update_contact"]
+    note: str | None = Field(default=None, max_length=2000)
+    due_in: str | None = None
+    owner: str | None = Field(default=None, max_length=200)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    _due = field_validator("due_in")(_check_duration)
+
+    @model_validator(mode="after")
+    def _shape(self) -> CrmStep:
+        if self.action == "create_task" and not self.note:
+            raise ValueError("create_task needs a note")
+        if self.action == "update_contact" and not self.properties:
+            raise ValueError("update_contact needs properties")
+        return self
+
+
+class WebhookStep(_Step):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://[^\s/$.?#][^\s]*$", max_length=2000)
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    body: dict[str, Any] | str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class EnrollStep(_Step):
+    type: Literal["enroll"]
+    journey: str = Field(pattern=KEY_PATTERN)
+
+
 class GotoStep(_Step):
     type: Literal["goto"]
     step: str
@@ -114,11 +326,50 @@ class ExitStep(_Step):
 
 
 Step = Annotated[
-    WaitStep | EmailStep | WaitForStep | BranchStep | GotoStep | ExitStep,
+    WaitStep
+    | EmailStep
+    | SmsStep
+    | WaitForStep
+    | BranchStep
+    | SplitStep
+    | UpdateContactStep
+    | CrmStep
+    | WebhookStep
+    | EnrollStep
+    | GotoStep
+    | ExitStep,
     Field(discriminator="type"),
 ]
 
-STEP_TYPES = ("wait", "email", "wait_for", "branch", "goto", "exit")
+STEP_TYPES = (
+    "wait", "email", "sms", "wait_for", "branch", "split", "update_contact",
+    "crm", "webhook", "enroll", "goto", "exit",
+)  # fmt: skip
+# Steps whose next move does not wait on anything (a loop of only these never ends).
+INSTANT_STEPS = ("branch", "split", "update_contact", "crm", "webhook", "enroll", "goto", "exit")
+
+
+class Trigger(_Doc):
+    """How contacts enter besides the API: on an event (with ``where``), one run per ``key``."""
+
+    event: str | None = Field(default=None, min_length=1, max_length=200)
+    where: Condition | None = None
+    key: str | None = Field(default=None, min_length=1, max_length=200)
+    segment: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Trigger:
+        if self.segment is not None:
+            raise ValueError("segment triggers need segments, which Nurture does not have yet")
+        if self.event is None:
+            raise ValueError("a trigger needs an event")
+        return self
+
+
+class ReentryAfter(_Doc):
+    after: str
+
+    _after = field_validator("after")(_check_duration)
 
 
 class JourneyDocument(_Doc):
@@ -126,6 +377,10 @@ class JourneyDocument(_Doc):
     name: str = Field(min_length=1, max_length=200)
     description: str | None = None
     default_timezone: str | None = None
+    trigger: Trigger | None = None
+    enroll_on_publish: bool = False
+    reentry: Literal["never", "after_exit"] | ReentryAfter = "never"
+    exit_when: Condition | None = None
     steps: list[Step] = Field(min_length=1, max_length=500)
 
     @field_validator("default_timezone")
@@ -137,6 +392,8 @@ class JourneyDocument(_Doc):
 
     @model_validator(mode="after")
     def _steps_link_up(self) -> JourneyDocument:
+        if self.enroll_on_publish:
+            raise ValueError("enroll_on_publish needs a segment trigger, which needs segments")
         seen: set[str] = set()
         for step in self.steps:
             if step.id in seen:
@@ -147,8 +404,18 @@ class JourneyDocument(_Doc):
                 if target not in seen:
                     raise ValueError(f"step {step.id!r}: goes to unknown step {target!r}")
             if isinstance(step, WaitForStep) and step.where is not None:
-                _only_props(step.id, step.where)
+                _only_props(f"step {step.id!r}", step.where)
+            if isinstance(step, EnrollStep) and step.journey == self.key:
+                raise ValueError(f"step {step.id!r}: a journey may not enroll into itself")
+        if self.trigger is not None and self.trigger.where is not None:
+            _only_props("trigger", self.trigger.where)
         return self
+
+    @property
+    def cooldown(self) -> timedelta | None:
+        return (
+            parse_duration(self.reentry.after) if isinstance(self.reentry, ReentryAfter) else None
+        )
 
     def index_of(self, step_id: str) -> int:
         for i, step in enumerate(self.steps):
@@ -156,22 +423,31 @@ class JourneyDocument(_Doc):
                 return i
         raise KeyError(step_id)
 
-    def templates(self) -> set[str]:
-        return {s.template for s in self.steps if isinstance(s, EmailStep)}
+    def templates(self) -> dict[str, set[str]]:
+        """Template keys the journey sends, by channel."""
+        found: dict[str, set[str]] = {"email": set(), "sms": set()}
+        for step in self.steps:
+            if isinstance(step, EmailStep | SmsStep):
+                found[step.type].add(step.template)
+        return found
+
+    def journeys(self) -> set[str]:
+        return {s.journey for s in self.steps if isinstance(s, EnrollStep)}
 
 
-def _only_props(step_id: str, condition: Any) -> None:
-    """``where`` on an event filters event properties; attributes belong in a branch."""
+def _only_props(label: str, condition: Any) -> None:
+    """``where`` filters an event by its properties; attributes belong in a branch."""
     if isinstance(condition, PropCondition):
         return
-    for child in (
+    children = (
         getattr(condition, "all", None)
         or getattr(condition, "any", None)
         or [getattr(condition, "not_", None)]
-    ):
+    )
+    for child in children:
         if child is None or not hasattr(child, "model_fields"):
-            raise ValueError(f"step {step_id!r}: where may only test event properties (prop)")
-        _only_props(step_id, child)
+            raise ValueError(f"{label}: where may only test event properties (prop)")
+        _only_props(label, child)
 
 
 class JourneyValidationError(ValueError):
@@ -203,7 +479,7 @@ def describe_errors(raw: Any, error: ValidationError) -> list[dict[str, Any]]:
         else:
             field = ".".join(str(p) for p in loc)
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found") and not field:
             message = f"unknown step type; use one of: {', '.join(STEP_TYPES)}"
         if err["type"] == "extra_forbidden":
             message = "unknown field"

@@ -147,6 +147,8 @@ class Journey(SQLModel, table=True):
     )
     draft: dict[str, Any] = _jsonb()
     current_version: int | None = None
+    # The published version's trigger event, so an incoming event finds its journeys fast.
+    trigger_event: str | None = Field(default=None, max_length=200, index=True)
     created_at: datetime = _ts(nullable=False, default_now=True)
     updated_at: datetime = _ts(nullable=False, default_now=True)
 
@@ -193,6 +195,7 @@ class Enrollment(SQLModel, table=True):
     contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
     run_key: str = Field(default="", max_length=200)
     workflow_id: str = Field(max_length=400, index=True)
+    run_id: str | None = Field(default=None, max_length=64)
     status: EnrollmentStatus = Field(
         default=EnrollmentStatus.active,
         sa_type=sa.String(16),
@@ -200,6 +203,7 @@ class Enrollment(SQLModel, table=True):
     )
     variant: str | None = Field(default=None, max_length=64)
     exit_reason: str | None = Field(default=None, max_length=200)
+    goal: str | None = Field(default=None, max_length=500)
     trigger_event_id: uuid.UUID | None = None
     started_at: datetime = _ts(nullable=False, default_now=True)
     ended_at: datetime | None = _ts()
@@ -292,4 +296,64 @@ class Suppression(SQLModel, table=True):
     address: str = Field(max_length=320)  # lower-cased email or E.164 phone
     reason: SuppressionReason = Field(sa_type=sa.String(16), nullable=False)
     source: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class CrmTaskStatus(StrEnum):
+    open = "open"
+    done = "done"
+
+
+class CrmTask(SQLModel, table=True):
+    """A sales task or CRM update made by a journey, kept in Nurture's own tables."""
+
+    __tablename__ = "crm_tasks"
+    __table_args__ = (sa.Index("ix_crm_tasks_contact_created", "contact_id", "created_at"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    idempotency_key: str = Field(max_length=400, unique=True)
+    contact_id: uuid.UUID | None = Field(
+        default=None, foreign_key="contacts.id", ondelete="SET NULL"
+    )
+    enrollment_id: uuid.UUID | None = Field(
+        default=None, foreign_key="enrollments.id", ondelete="SET NULL"
+    )
+    journey_key: str | None = Field(default=None, max_length=64)
+    step_id: str | None = Field(default=None, max_length=64)
+    action: str = Field(max_length=32)  # create_task | update_contact
+    note: str | None = None
+    owner: str | None = Field(default=None, max_length=200)
+    properties: dict[str, Any] = _jsonb()
+    status: CrmTaskStatus = Field(default=CrmTaskStatus.open, sa_type=sa.String(16), nullable=False)
+    due_at: datetime | None = _ts()
+    created_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class WebhookCall(SQLModel, table=True):
+    """One outbound webhook per business key: a retry re-sends the same signed body."""
+
+    __tablename__ = "webhook_calls"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    idempotency_key: str = Field(max_length=400, unique=True)
+    contact_id: uuid.UUID | None = Field(
+        default=None, foreign_key="contacts.id", ondelete="SET NULL"
+    )
+    journey_key: str | None = Field(default=None, max_length=64)
+    step_id: str | None = Field(default=None, max_length=64)
+    url: str
+    method: str = Field(max_length=8)
+    status_code: int | None = None
+    attempts: int = 0
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    completed_at: datetime | None = _ts()
+
+
+class AppliedUpdate(SQLModel, table=True):
+    """Business keys of contact updates already applied (a retry must not add twice)."""
+
+    __tablename__ = "applied_updates"
+
+    idempotency_key: str = Field(max_length=400, primary_key=True)
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
     created_at: datetime = _ts(nullable=False, default_now=True)

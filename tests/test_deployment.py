@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from devstack.temporal import cli_type
 from models.contracts import SEARCH_ATTRIBUTES
 from settings import PROJECT_DIR, Settings
 
@@ -48,8 +49,8 @@ def test_compose_environment_names_real_settings() -> None:
 
 def test_compose_registers_the_search_attributes_journeys_use() -> None:
     script = "\n".join(SERVICES["temporal-setup"]["command"])
-    registered = set(re.findall(r"\bNurture[A-Z][a-z]+\b", script))
-    assert registered == {key.name for key in SEARCH_ATTRIBUTES}
+    registered = set(re.findall(r"\b(Nurture[A-Za-z]+)=(\w+)", script))
+    assert registered == {(key.name, cli_type(key)) for key in SEARCH_ATTRIBUTES}
 
 
 def test_postgres_init_creates_the_app_database() -> None:

@@ -13,7 +13,7 @@ from temporalio.api.testservice.v1 import LockTimeSkippingRequest, UnlockTimeSki
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.email import EmailActivities
+from activities.messaging import MessagingActivities
 from models.contracts import JourneyResult, SendEmailInput, SendEmailResult
 from models.db import session_scope
 from models.tables import Message
@@ -208,7 +208,7 @@ async def test_retried_send_produces_one_message(
     time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, settings: Settings
 ) -> None:
     """The send succeeds at the provider, then the activity dies; the retry sends nothing."""
-    real = EmailActivities(settings)
+    real = MessagingActivities(settings)
     attempts: list[int] = []
 
     @activity.defn(name="send_email")

@@ -6,6 +6,7 @@ leaves exactly one copy.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -55,5 +56,42 @@ class OutboxEmailProvider:
             message.add_alternative(email.html, subtype="html")
         partial = target.with_suffix(".eml.partial")
         partial.write_bytes(bytes(message))
+        os.replace(partial, target)
+        return target.name
+
+
+@dataclass
+class OutgoingSms:
+    message_id: str
+    to: str
+    sender: str
+    body: str
+
+
+class OutboxSmsProvider:
+    name = "outbox"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory / "sms"
+
+    def send(self, sms: OutgoingSms) -> str:
+        """Write the text as JSON named by our message id; return that name."""
+        target = self.directory / f"{sms.message_id}.json"
+        if target.exists():
+            return target.name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".json.partial")
+        partial.write_text(
+            json.dumps(
+                {
+                    "id": sms.message_id,
+                    "to": sms.to,
+                    "from": sms.sender,
+                    "body": sms.body,
+                    "created_at": utcnow().isoformat(),
+                },
+                indent=2,
+            )
+        )
         os.replace(partial, target)
         return target.name

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 
-from api.deps import SessionDep, TemporalDep
+from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import EventAccepted, EventIn
-from api.services import deliver_event, find_contact
+from api.services import deliver_event, find_contact, start_triggered
 from models.tables import Event, utcnow
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -16,7 +16,11 @@ router = APIRouter(prefix="/events", tags=["events"])
 
 @router.post("", response_model=EventAccepted, status_code=status.HTTP_202_ACCEPTED)
 async def track_event(
-    body: EventIn, session: SessionDep, temporal: TemporalDep, response: Response
+    body: EventIn,
+    session: SessionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> EventAccepted:
     """Store one event (once per idempotency id) and signal it to the contact's journeys."""
     contact = await find_contact(session, body)
@@ -44,6 +48,9 @@ async def track_event(
     delivered = 0
     if event.delivered_at is None:
         delivered = await deliver_event(session, temporal, event)
+        await session.commit()
+        started = await start_triggered(session, temporal, settings, event)
+        delivered += len(started)
     if duplicate:
         response.status_code = status.HTTP_200_OK
     return EventAccepted(

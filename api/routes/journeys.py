@@ -8,15 +8,24 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlmodel import col, func, select
 
+from activities.enrollments import EnrollmentRefused, enroll
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.routes.enrollments import enrollment_public
-from api.schemas import EnrollIn, EnrollResult, JourneyPublic, JourneyVersionPublic
-from api.services import enroll, find_contact, get_journey
+from api.schemas import (
+    EnrollIn,
+    EnrollResult,
+    JourneyPublic,
+    JourneyStatusResult,
+    JourneyVersionPublic,
+)
+from api.services import find_contact, get_journey, notify_journey_status
 from models.journey import (
     KEY_PATTERN,
     EmailStep,
+    EnrollStep,
     JourneyDocument,
     JourneyValidationError,
+    SmsStep,
     parse_journey,
 )
 from models.tables import Journey, JourneyStatus, JourneyVersion, Template, utcnow
@@ -140,6 +149,10 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
     """Publish the draft as a new immutable version and make the journey active."""
     journey = await get_journey(session, key)
     await session.refresh(journey, with_for_update=True)
+    if journey.status == JourneyStatus.stopped:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"journey {key!r} is stopped; a stopped journey stays stopped"
+        )
     document = parse_journey(journey.draft)
     await _check_templates(session, document)
     latest = (
@@ -151,7 +164,9 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
         journey_id=journey.id, version=(latest or 0) + 1, document=journey.draft
     )
     journey.current_version = version.version
-    journey.status = JourneyStatus.active
+    journey.trigger_event = document.trigger.event if document.trigger else None
+    if journey.status == JourneyStatus.draft:
+        journey.status = JourneyStatus.active
     journey.updated_at = utcnow()
     session.add(version)
     session.add(journey)
@@ -193,7 +208,12 @@ async def enroll_contact(
     """Enroll one contact; enrolling again returns the same enrollment (200, created false)."""
     journey = await get_journey(session, key)
     contact = await find_contact(session, body)
-    enrollment, created = await enroll(session, temporal, settings, journey, contact, body.trigger)
+    try:
+        enrollment, created = await enroll(
+            session, temporal, settings, journey, contact, trigger=body.trigger
+        )
+    except EnrollmentRefused as refused:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(refused)) from None
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return EnrollResult(
         created=created, enrollment=await enrollment_public(session, settings, enrollment)
@@ -201,20 +221,92 @@ async def enroll_contact(
 
 
 async def _check_templates(session: SessionDep, document: JourneyDocument) -> None:
-    needed = document.templates()
-    if not needed:
-        return
-    found = set(
-        (await session.exec(select(Template.key).where(col(Template.key).in_(needed)))).all()
+    """Templates and journeys the document names must exist (templates on the right channel)."""
+    wanted = document.templates()
+    names = wanted["email"] | wanted["sms"]
+    rows = (
+        await session.exec(
+            select(Template.key, Template.channel).where(col(Template.key).in_(names))
+        )
+    ).all()
+    channels = {key: channel for key, channel in rows}
+    journeys = set(
+        (
+            await session.exec(select(Journey.key).where(col(Journey.key).in_(document.journeys())))
+        ).all()
     )
-    problems = [
-        {
-            "step": step.id,
-            "field": "template",
-            "message": f"step {step.id!r} template: no template with key {step.template!r}",
-        }
-        for step in document.steps
-        if isinstance(step, EmailStep) and step.template not in found
-    ]
+    problems = []
+    for step in document.steps:
+        if isinstance(step, EmailStep | SmsStep):
+            if step.template not in channels:
+                message = f"no template with key {step.template!r}"
+            elif channels[step.template] != step.type:
+                message = (
+                    f"template {step.template!r} is for {channels[step.template]}, not {step.type}"
+                )
+            else:
+                continue
+            problems.append(
+                {
+                    "step": step.id,
+                    "field": "template",
+                    "message": f"step {step.id!r} template: {message}",
+                }
+            )
+        elif isinstance(step, EnrollStep) and step.journey not in journeys:
+            problems.append(
+                {
+                    "step": step.id,
+                    "field": "journey",
+                    "message": f"step {step.id!r} journey: no journey with key {step.journey!r}",
+                }
+            )
     if problems:
         raise invalid(problems)
+
+
+async def _set_status(
+    key: str, new_status: JourneyStatus, session: SessionDep, temporal: TemporalDep
+) -> JourneyStatusResult:
+    journey = await get_journey(session, key)
+    await session.refresh(journey, with_for_update=True)
+    allowed = {
+        JourneyStatus.paused: (JourneyStatus.active, JourneyStatus.paused),
+        JourneyStatus.active: (JourneyStatus.paused, JourneyStatus.active),
+        JourneyStatus.stopped: (JourneyStatus.active, JourneyStatus.paused, JourneyStatus.stopped),
+    }[new_status]
+    if journey.status not in allowed:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"journey {key!r} is {journey.status}; it cannot become {new_status}",
+        )
+    journey.status, journey.updated_at = new_status, utcnow()
+    session.add(journey)
+    # Commit first: a send activity re-reads the status, so no enrollment slips past it.
+    await session.commit()
+    signalled = await notify_journey_status(session, temporal, journey, new_status)
+    return JourneyStatusResult(key=key, status=new_status, enrollments_signalled=signalled)
+
+
+@router.post("/{key}/pause", response_model=JourneyStatusResult)
+async def pause_journey(
+    key: JourneyKey, session: SessionDep, temporal: TemporalDep
+) -> JourneyStatusResult:
+    """Hold every enrollment before its next send; new contacts still enter."""
+    return await _set_status(key, JourneyStatus.paused, session, temporal)
+
+
+@router.post("/{key}/resume", response_model=JourneyStatusResult)
+async def resume_journey(
+    key: JourneyKey, session: SessionDep, temporal: TemporalDep
+) -> JourneyStatusResult:
+    """Let held enrollments go on where they were."""
+    return await _set_status(key, JourneyStatus.active, session, temporal)
+
+
+@router.post("/{key}/stop", response_model=JourneyStatusResult)
+async def stop_journey(
+    key: JourneyKey, session: SessionDep, temporal: TemporalDep
+) -> JourneyStatusResult:
+    """End every enrollment now; the journey takes no new contacts."""
+    return await _set_status(key, JourneyStatus.stopped, session, temporal)

@@ -1,0 +1,230 @@
+"""send_email and send_sms: suppression checked at send time, one message per business key.
+
+Order of work: the message row (unique business key) is committed before the provider
+is called; a retry finds it and never sends a second copy. A paused journey holds: the
+activity writes nothing and says so, and the workflow waits for the journey to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio import activity
+
+from activities.contacts import snapshot
+from activities.providers.outbox import (
+    OutboxEmailProvider,
+    OutboxSmsProvider,
+    OutgoingEmail,
+    OutgoingSms,
+)
+from activities.rendering import TemplateError, render_context, render_email, render_text
+from models.contracts import SendMessageInput, SendMessageResult
+from models.db import session_scope
+from models.tables import (
+    Contact,
+    Enrollment,
+    EnrollmentStatus,
+    Journey,
+    JourneyStatus,
+    Message,
+    MessageChannel,
+    MessageStatus,
+    SubscriptionStatus,
+    Suppression,
+    Template,
+    utcnow,
+)
+from settings import Settings
+
+
+def email_provider(settings: Settings) -> OutboxEmailProvider:
+    """The provider ``NURTURE_EMAIL_PROVIDER`` names."""
+    match settings.email_provider:
+        case "outbox":
+            return OutboxEmailProvider(settings.outbox_path)
+    raise ValueError(f"unknown email provider {settings.email_provider!r}")
+
+
+def sms_provider(settings: Settings) -> OutboxSmsProvider:
+    return OutboxSmsProvider(settings.outbox_path)
+
+
+class MessagingActivities:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database_url = settings.database_url
+        self.email = email_provider(settings)
+        self.sms = sms_provider(settings)
+
+    @activity.defn(name="send_email")
+    async def send_email(self, input: SendMessageInput) -> SendMessageResult:
+        return await self._send(MessageChannel.email, input)
+
+    @activity.defn(name="send_sms")
+    async def send_sms(self, input: SendMessageInput) -> SendMessageResult:
+        return await self._send(MessageChannel.sms, input)
+
+    async def _send(self, channel: MessageChannel, input: SendMessageInput) -> SendMessageResult:
+        async with session_scope(self.database_url) as session:
+            message = await _message_by_key(session, input.idempotency_key)
+            if message is None:
+                if await _journey_paused(session, input.journey_key):
+                    return SendMessageResult(None, "held", "journey paused")
+                message = await self._record(session, channel, input)
+        if message.status != MessageStatus.pending:
+            return SendMessageResult(str(message.id), message.status, message.skip_reason)
+
+        async with session_scope(self.database_url) as session:
+            contact = await session.get(Contact, message.contact_id)
+            template = (
+                await session.exec(select(Template).where(Template.key == input.template))
+            ).first()
+        if contact is None or template is None or not message.to_address:
+            return await self._fail(message, "contact or template vanished before the send")
+        context = render_context(
+            snapshot(contact).__dict__,
+            {
+                "key": input.journey_key,
+                "version": input.journey_version,
+                "step": input.step_id,
+                "variant": input.variant,
+            },
+            input.trigger,
+        )
+        try:
+            provider_id, subject = await self._deliver(channel, message, template, input, context)
+        except TemplateError as err:
+            return await self._fail(message, str(err))
+        async with session_scope(self.database_url) as session:
+            stored = await session.get(Message, message.id)
+            assert stored is not None
+            if stored.status == MessageStatus.pending:
+                stored.status = MessageStatus.sent
+                stored.sent_at = utcnow()
+            stored.provider_message_id = provider_id
+            stored.subject = subject
+            session.add(stored)
+        return SendMessageResult(str(message.id), MessageStatus.sent)
+
+    async def _deliver(
+        self,
+        channel: MessageChannel,
+        message: Message,
+        template: Template,
+        input: SendMessageInput,
+        context: dict[str, Any],
+    ) -> tuple[str, str | None]:
+        assert message.to_address is not None
+        if channel == MessageChannel.email:
+            rendered = render_email(
+                input.subject or template.subject, template.html, template.text, context
+            )
+            email = OutgoingEmail(
+                message_id=str(message.id),
+                to=message.to_address,
+                sender=self.settings.email_from,
+                subject=rendered.subject,
+                html=rendered.html,
+                text=rendered.text,
+            )
+            return await asyncio.to_thread(self.email.send, email), rendered.subject
+        body = render_text(template.text or "", context)
+        sms = OutgoingSms(str(message.id), message.to_address, self.settings.sms_from, body)
+        return await asyncio.to_thread(self.sms.send, sms), None
+
+    async def _record(
+        self, session: AsyncSession, channel: MessageChannel, input: SendMessageInput
+    ) -> Message:
+        """Write the message row: pending, or skipped/failed with the reason it may not go."""
+        contact = await session.get(Contact, uuid.UUID(input.contact_id))
+        enrollment = await session.get(Enrollment, uuid.UUID(input.enrollment_id))
+        template = (
+            await session.exec(select(Template).where(Template.key == input.template))
+        ).first()
+        journey = (
+            await session.exec(select(Journey).where(Journey.key == input.journey_key))
+        ).first()
+        address = None
+        if contact is not None:
+            address = contact.email if channel == MessageChannel.email else contact.phone
+        reason = await _skip_reason(session, channel, contact, enrollment, address)
+        status = MessageStatus.skipped if reason else MessageStatus.pending
+        if reason is None and (template is None or template.channel != channel):
+            status, reason = MessageStatus.failed, f"no {channel} template {input.template!r}"
+        values = {
+            "id": uuid.uuid4(),
+            "idempotency_key": input.idempotency_key,
+            "contact_id": contact.id if contact else None,
+            "enrollment_id": enrollment.id if enrollment else None,
+            "journey_id": journey.id if journey else None,
+            "step_id": input.step_id,
+            "variant": input.variant,
+            "channel": channel,
+            "template_key": input.template,
+            "to_address": address,
+            "provider": (self.email if channel == MessageChannel.email else self.sms).name,
+            "status": status,
+            "skip_reason": reason,
+            "created_at": utcnow(),
+            "failed_at": utcnow() if status == MessageStatus.failed else None,
+        }
+        await session.exec(
+            insert(Message)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        )
+        await session.commit()
+        message = await _message_by_key(session, input.idempotency_key)
+        assert message is not None
+        return message
+
+    async def _fail(self, message: Message, error: str) -> SendMessageResult:
+        async with session_scope(self.database_url) as session:
+            stored = await session.get(Message, message.id)
+            assert stored is not None
+            stored.status, stored.error, stored.failed_at = MessageStatus.failed, error, utcnow()
+            session.add(stored)
+        return SendMessageResult(str(message.id), MessageStatus.failed, error)
+
+
+async def _message_by_key(session: AsyncSession, key: str) -> Message | None:
+    return (await session.exec(select(Message).where(Message.idempotency_key == key))).first()
+
+
+async def _journey_paused(session: AsyncSession, journey_key: str) -> bool:
+    status = (await session.exec(select(Journey.status).where(Journey.key == journey_key))).first()
+    return status == JourneyStatus.paused
+
+
+async def _skip_reason(
+    session: AsyncSession,
+    channel: MessageChannel,
+    contact: Contact | None,
+    enrollment: Enrollment | None,
+    address: str | None,
+) -> str | None:
+    if contact is None or contact.erased_at is not None:
+        return "contact erased"
+    if enrollment is None or enrollment.status != EnrollmentStatus.active:
+        return "enrollment no longer active"
+    if not address:
+        return f"contact has no {'email address' if channel == MessageChannel.email else 'phone'}"
+    status = contact.email_status if channel == MessageChannel.email else contact.sms_status
+    if status != SubscriptionStatus.subscribed:
+        return f"{channel} {status}"
+    suppression = (
+        await session.exec(
+            select(Suppression)
+            .where(col(Suppression.channel) == channel)
+            .where(col(Suppression.address) == address)
+        )
+    ).first()
+    if suppression is not None:
+        return f"address suppressed ({suppression.reason})"
+    return None
