@@ -96,8 +96,9 @@ async def enroll(
         started_on = await session.get(JourneyVersion, latest.journey_version_id)
         assert started_on is not None
         await _start(
-            temporal, settings, journey, started_on, latest, trigger, trigger_signal, reentry=False
-        )
+            session, temporal, settings, journey, started_on, latest, trigger, trigger_signal,
+            reentry=False,
+        )  # fmt: skip
         return latest, False
     if latest is not None:
         if document.reentry == "never":
@@ -128,7 +129,7 @@ async def enroll(
     assert current is not None
     if created:
         await _start(
-            temporal, settings, journey, version, current, trigger, trigger_signal,
+            session, temporal, settings, journey, version, current, trigger, trigger_signal,
             reentry=latest is not None,
         )  # fmt: skip
         await session.refresh(current)
@@ -150,6 +151,7 @@ async def _latest_enrollment(
 
 
 async def _start(
+    session: AsyncSession,
     temporal: Client,
     settings: Settings,
     journey: Journey,
@@ -213,13 +215,14 @@ async def _start(
                 return  # that run already ended; the enrollment row says how
             await asyncio.sleep(0.1 * (attempt + 1))
             continue
-        if enrollment.run_id is None and handle.first_execution_run_id:
-            async with session_scope(settings.database_url) as session:
-                await session.exec(
-                    update(Enrollment)
-                    .where(col(Enrollment.id) == enrollment.id)
-                    .values(run_id=handle.first_execution_run_id)
-                )
+        run_id = handle.first_execution_run_id or handle.result_run_id
+        if enrollment.run_id is None and run_id:
+            # The same session as the caller's: a second connection per request could
+            # exhaust the pool under a burst of concurrent enrollments.
+            await session.exec(
+                update(Enrollment).where(col(Enrollment.id) == enrollment.id).values(run_id=run_id)
+            )
+            await session.commit()
         return
     raise RuntimeError(f"the previous run of {enrollment.workflow_id} did not close in time")
 

@@ -182,7 +182,7 @@ def json_kind(value: Any) -> str | None:
 def json_number(value: int | float) -> Decimal:
     """A JSON number as PostgreSQL's ``numeric`` sees it: a float is the decimal it is
     written as in JSON (``repr``), not its binary value."""
-    return Decimal(value)
+    return Decimal(value) if isinstance(value, int) else Decimal(repr(value))
 
 
 def _comparable(actual: Any, expected: Any) -> tuple[Any, Any] | None:

@@ -5,6 +5,7 @@ Servers are started once per session; each test gets its own task queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlmodel import col, select, update
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -28,6 +31,8 @@ from devstack.postgres import (
 )
 from devstack.temporal import register_search_attributes
 from models.contracts import SEARCH_ATTRIBUTES
+from models.db import session_scope
+from models.tables import Enrollment, EnrollmentStatus
 from settings import Settings
 from worker import build_worker
 
@@ -124,9 +129,34 @@ def _api_client(app_settings: Settings, temporal: Client) -> httpx.AsyncClient:
 async def time_api(
     time_env: WorkflowEnvironment, settings: Settings
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """The API, starting journeys on the time-skipping server."""
+    """The API, starting journeys on the time-skipping server.
+
+    The server's clock is shared: journeys a test leaves running would make later tests
+    skip to their timers, so they are terminated when the test ends.
+    """
     async with _api_client(settings, time_env.client) as client:
         yield client
+    await terminate_active_runs(time_env.client, settings)
+
+
+async def terminate_active_runs(client: Client, settings: Settings) -> None:
+    async with session_scope(settings.database_url) as session:
+        rows = (
+            await session.exec(
+                select(Enrollment.workflow_id, Enrollment.run_id).where(
+                    Enrollment.status == EnrollmentStatus.active
+                )
+            )
+        ).all()
+    for workflow_id, run_id in rows:
+        with contextlib.suppress(RPCError):
+            await client.get_workflow_handle(workflow_id, run_id=run_id).terminate("test ended")
+    async with session_scope(settings.database_url) as session:
+        await session.exec(
+            update(Enrollment)
+            .where(col(Enrollment.status) == EnrollmentStatus.active)
+            .values(status=EnrollmentStatus.exited, exit_reason="test ended")
+        )
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -42,7 +43,9 @@ async def result_of(env: WorkflowEnvironment, workflow_id: str) -> JourneyResult
     handle = client.get_workflow_handle_for(JourneyWorkflow.run, workflow_id, run_id=run_id)
     await client.test_service.unlock_time_skipping(UnlockTimeSkippingRequest())
     try:
-        return await handle.result()
+        # A journey stuck retrying an activity would otherwise spin forever in skipped time.
+        async with asyncio.timeout(90):
+            return await handle.result()
     finally:
         await client.test_service.lock_time_skipping(LockTimeSkippingRequest())
 
