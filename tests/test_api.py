@@ -373,3 +373,145 @@ async def test_api_refuses_to_start_without_a_key(settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="NURTURE_API_KEY is not set"):
         async with app.router.lifespan_context(app):
             pass
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        ({"type": "wait"}, "a wait needs exactly one of duration, until"),
+        ({"type": "wait", "duration": "1d", "until": {"time": "09:00"}}, "exactly one of duration"),
+        ({"type": "wait", "until": {"time": "25:00"}}, "until.time.time"),
+        ({"type": "wait", "until": {"time": "09:00", "weekdays": []}}, "weekdays may not be empty"),
+        ({"type": "wait", "until": {"time": "09:00", "weekdays": ["funday"]}}, "funday"),
+        ({"type": "wait", "until": {"at": "next tuesday"}}, "until.at.at"),
+        ({"type": "wait", "until": {"attr": "birthday", "prop": "x"}}, "exactly one of attr, prop"),
+        ({"type": "wait", "until": {"attr": "birthday", "offset": "-1y"}}, "invalid duration"),
+        ({"type": "wait", "until": {"colour": "red"}}, "until needs one of"),
+        (
+            {"type": "email", "template": "t", "window": {"from": "09:00"}},
+            "window.to: Field required",
+        ),
+        ({"type": "email", "template": "t", "window": {"from": "09:00", "to": "09:00"}}, "window"),
+        (
+            {"type": "sms", "template": "t", "window": {"from": "9", "to": "10:00"}},
+            "window.from",
+        ),
+        ({"type": "sms"}, "template: Field required"),
+        ({"type": "wait_for"}, "exactly one of event, condition"),
+        (
+            {"type": "wait_for", "condition": {"score_gte": 1}, "where": {"prop": "a", "value": 1}},
+            "where filters an event",
+        ),
+        ({"type": "wait_for", "event": "e", "on_timeout": "first"}, "on_timeout needs a timeout"),
+        (
+            {"type": "wait_for", "event": "e", "where": {"attr": "role", "value": "x"}},
+            "where may only test event properties",
+        ),
+        ({"type": "branch", "cases": []}, "cases: List should have at least 1 item"),
+        ({"type": "split", "variants": [{"weight": 1, "goto": "first"}]}, "at least 2 items"),
+        (
+            {
+                "type": "split",
+                "variants": [{"weight": 0, "goto": "first"}, {"weight": 1, "goto": "first"}],
+            },
+            "variants.0.weight",
+        ),
+        (
+            {
+                "type": "split",
+                "variants": [{"weight": 1, "goto": "first"}, {"weight": 1, "goto": "first"}],
+            },
+            "distinct names",
+        ),
+        ({"type": "update_contact"}, "update_contact needs set"),
+        ({"type": "update_contact", "set": {"email": "x@y.z"}}, "set may not change email"),
+        ({"type": "crm", "action": "create_task"}, "create_task needs a note"),
+        ({"type": "crm", "action": "call_them"}, "action: Input should be"),
+        ({"type": "webhook", "url": "ftp://example.com"}, "url: String should match pattern"),
+        ({"type": "webhook", "url": "https://example.com", "method": "TRACE"}, "method"),
+        ({"type": "enroll"}, "journey: Field required"),
+        ({"type": "goto"}, "step: Field required"),
+        ({"type": "goto", "step": "nowhere"}, "goes to unknown step 'nowhere'"),
+    ],
+)
+async def test_every_step_type_refuses_bad_definitions(
+    time_api: httpx.AsyncClient, settings: Settings, step: dict[str, Any], expected: str
+) -> None:
+    document = {
+        "key": unique("bad-step"),
+        "name": "Bad",
+        "steps": [{"id": "first", "type": "exit"}, {"id": "broken", **step}],
+    }
+    before = await count(settings, Journey)
+    response = await time_api.post("/v1/journeys", json=document)
+    assert response.status_code == 422, response.text
+    messages = [e["message"] for e in response.json()["detail"]["errors"]]
+    assert any(expected in m for m in messages), messages
+    named = [e for e in response.json()["detail"]["errors"] if e["step"] == "broken"]
+    assert named or any("'broken'" in m for m in messages), messages
+    assert await count(settings, Journey) == before
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        ({"trigger": {"where": {"prop": "a", "value": 1}}}, "a trigger needs an event"),
+        ({"trigger": {"segment": "trial-users"}}, "segment triggers need segments"),
+        (
+            {"trigger": {"event": "x", "where": {"attr": "a", "value": 1}}},
+            "trigger: where may only",
+        ),
+        ({"enroll_on_publish": True}, "enroll_on_publish needs a segment trigger"),
+        ({"reentry": "sometimes"}, "reentry"),
+        ({"reentry": {"after": "soon"}}, "invalid duration"),
+        ({"exit_when": {"event": "x", "within": "forever"}}, "invalid duration"),
+        ({"exit_when": {"event": "x", "count_gte": -1}}, "count_gte"),
+    ],
+)
+async def test_journey_level_fields_refuse_bad_definitions(
+    time_api: httpx.AsyncClient, top: dict[str, Any], expected: str
+) -> None:
+    document = {
+        "key": unique("bad-top"),
+        "name": "Bad",
+        "steps": [{"id": "x", "type": "exit"}],
+        **top,
+    }
+    response = await time_api.post("/v1/journeys", json=document)
+    assert response.status_code == 422, response.text
+    messages = [e["message"] for e in response.json()["detail"]["errors"]]
+    assert any(expected in m for m in messages), messages
+
+
+async def test_publish_checks_template_channels_and_enroll_targets(
+    time_api: httpx.AsyncClient,
+) -> None:
+    email_template = unique("mail")
+    await put_template(time_api, email_template)
+    key = unique("channels")
+    document = {
+        "key": key,
+        "name": "Channels",
+        "steps": [
+            {"id": "text", "type": "sms", "template": email_template},
+            {"id": "handover", "type": "enroll", "journey": "no-such-journey"},
+        ],
+    }
+    assert (await time_api.post("/v1/journeys", json=document)).status_code == 201
+    response = await time_api.post(f"/v1/journeys/{key}/publish")
+    assert response.status_code == 422
+    messages = [e["message"] for e in response.json()["detail"]["errors"]]
+    assert messages == [
+        f"step 'text' template: template {email_template!r} is for email, not sms",
+        "step 'handover' journey: no journey with key 'no-such-journey'",
+    ]
+
+
+async def test_journey_status_changes_need_a_sensible_state(time_api: httpx.AsyncClient) -> None:
+    key = unique("status")
+    await time_api.post(
+        "/v1/journeys", json={"key": key, "name": "S", "steps": [{"id": "x", "type": "exit"}]}
+    )
+    draft_pause = await time_api.post(f"/v1/journeys/{key}/pause")
+    assert draft_pause.status_code == 409 and "is draft" in draft_pause.text
+    assert (await time_api.post("/v1/journeys/nope/stop")).status_code == 404

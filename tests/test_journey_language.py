@@ -830,3 +830,81 @@ async def test_long_looping_journey_continues_as_new_with_bounded_history(
     async with session_scope(settings.database_url) as session:
         stored = await session.get(Contact, uuid.UUID(person["id"]))
     assert stored is not None and stored.score == 60
+
+
+@pytest.mark.parametrize(
+    ("condition", "holds"),
+    [
+        ({"attr": "role", "op": "eq", "value": "CMO"}, True),
+        ({"attr": "role", "op": "ne", "value": "CMO"}, False),
+        ({"attr": "seats", "op": "gt", "value": 10}, True),
+        ({"attr": "seats", "op": "gte", "value": 13}, False),
+        ({"attr": "seats", "op": "lt", "value": 13}, True),
+        ({"attr": "seats", "op": "lte", "value": 11}, False),
+        ({"attr": "role", "op": "in", "value": ["CMO", "CEO"]}, True),
+        ({"attr": "role", "op": "not_in", "value": ["CMO"]}, False),
+        ({"attr": "company", "op": "contains", "value": "Corp"}, True),
+        ({"attr": "company", "op": "starts_with", "value": "Corp"}, False),
+        ({"attr": "teams", "op": "eq", "value": "brand"}, True),
+        ({"attr": "region", "op": "exists"}, False),
+        ({"attr": "region", "op": "not_exists"}, True),
+        ({"score_gte": 1}, False),
+        ({"prop": "plan", "op": "eq", "value": "pro"}, True),
+        ({"event": "page_viewed", "count_gte": 2}, True),
+        ({"event": "page_viewed", "count_gte": 3}, False),
+        (
+            {
+                "not": {
+                    "any": [
+                        {"attr": "role", "value": "CTO"},
+                        {"attr": "seats", "op": "lt", "value": 5},
+                    ]
+                }
+            },
+            True,
+        ),
+    ],
+)
+async def test_branch_evaluates_every_operator_in_a_running_journey(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+    condition: dict[str, Any],
+    holds: bool,
+) -> None:
+    key = await journey(
+        time_api,
+        [
+            {"id": "seen", "type": "wait_for", "event": "page_viewed", "timeout": "1h"},
+            {"id": "seen-again", "type": "wait_for", "event": "page_viewed", "timeout": "1h"},
+            {
+                "id": "test",
+                "type": "branch",
+                "cases": [{"if": condition, "goto": "yes"}],
+                "else": "no",
+            },
+            {"id": "yes", "type": "exit"},
+            {"id": "no", "type": "exit"},
+        ],
+    )
+    person = await contact(
+        time_api,
+        attributes={
+            "role": "CMO",
+            "seats": 12,
+            "company": "Acme Corp",
+            "teams": ["growth", "brand"],
+        },
+    )
+    enrolled = (await enroll(time_api, key, person["id"], trigger={"properties": {"plan": "pro"}}))[
+        "enrollment"
+    ]
+    for step in ("seen", "seen-again"):
+        await wait_for_step(time_api, enrolled["id"], step)
+        await time_api.post(
+            "/v1/events",
+            json={"id": unique("pv"), "contact_id": person["id"], "name": "page_viewed"},
+        )
+    await result_of(time_env, enrolled["workflow_id"])
+    view = await state(time_api, enrolled["id"])
+    assert view["history"][-1]["step_id"] == ("yes" if holds else "no")
