@@ -79,4 +79,60 @@ async def test_recorded_history_replays_with_current_code(path: Path) -> None:
 
 
 def test_histories_are_recorded() -> None:
-    assert {p.stem for p in RECORDED} >= {"trial-nurture-opened", "trial-nurture-never-opened"}
+    assert {p.stem for p in RECORDED} >= {
+        "trial-nurture-opened",
+        "trial-nurture-never-opened",
+        "every-step-type",
+    }
+
+
+async def test_every_step_type_history_replays(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+) -> None:
+    from tests.test_journey_language import Receiver, journey
+
+    receiver = Receiver([200])
+    try:
+        target = await journey(time_api, [{"id": "hi", "type": "exit"}])
+        key = await journey(
+            time_api,
+            [
+                {"id": "pause", "type": "wait", "duration": "1h"},
+                {"id": "morning", "type": "wait", "until": {"time": "09:00"}},
+                {"id": "mail", "type": "email", "template": "replay-mail",
+                 "window": {"from": "08:00", "to": "20:00"}},
+                {"id": "text", "type": "sms", "template": "replay-sms"},
+                {"id": "opened", "type": "wait_for", "event": "email_opened", "timeout": "1d",
+                 "on_timeout": "persona"},
+                {"id": "ready", "type": "wait_for", "condition": {"attr": "role", "value": "CMO"}},
+                {"id": "persona", "type": "branch",
+                 "cases": [{"if": {"attr": "role", "value": "CMO"}, "goto": "ab"}]},
+                {"id": "ab", "type": "split",
+                 "variants": [{"weight": 1, "goto": "score"}, {"weight": 1, "goto": "score", "name": "b"}]},
+                {"id": "score", "type": "update_contact", "score": 10, "add_tags": ["replayed"]},
+                {"id": "task", "type": "crm", "action": "create_task", "note": "Call"},
+                {"id": "hook", "type": "webhook", "url": f"{receiver.url}/replay", "body": {"a": "b"}},
+                {"id": "handover", "type": "enroll", "journey": target},
+                {"id": "jump", "type": "goto", "step": "bye"},
+                {"id": "skipped", "type": "exit"},
+                {"id": "bye", "type": "exit"},
+            ],
+        )  # fmt: skip
+        person = await contact(time_api, phone="+14155550199", attributes={"role": "CMO"})
+        enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+        await result_of(time_env, enrolled["workflow_id"])
+        history = await time_env.client.get_workflow_handle(enrolled["workflow_id"]).fetch_history()
+    finally:
+        receiver.close()
+    kinds = {e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events}
+    assert {"send_email", "send_sms", "update_contact", "record_crm_action", "call_webhook",
+            "enroll_contact", "record_variant", "load_contact"} <= kinds  # fmt: skip
+    await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+    if os.environ.get("NURTURE_RECORD_HISTORIES"):
+        (HISTORIES / "every-step-type.json").write_text(
+            json.dumps(
+                {"workflow_id": history.workflow_id, "history": json.loads(history.to_json())}
+            )
+        )
