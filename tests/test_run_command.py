@@ -104,7 +104,8 @@ def test_run_command_prints_where_to_look(nurture: RunningNurture) -> None:
     assert "trial-nurture" in out
     with nurture.api() as api:
         assert api.get("/docs").status_code == 200
-        assert api.get("/v1/journeys").json()[0]["key"] == "trial-nurture"
+        loaded = {j["key"]: j for j in api.get("/v1/journeys").json()}
+        assert loaded["trial-nurture"]["status"] == "active"
         assert httpx.get(f"http://127.0.0.1:{nurture.ui_port}/", timeout=10).status_code == 200
 
 
