@@ -82,6 +82,8 @@ with workflow.unsafe.imports_passed_through():
 
 # Steps taken in a row without waiting before the journey is judged to loop forever.
 MAX_STEPS_WITHOUT_WAIT = 200
+# How often a send held by a paused journey looks again without a status signal.
+HELD_SEND_RECHECK = timedelta(hours=1)
 # Event ids remembered for de-duplication, events kept for goals (bounded; carried over).
 SEEN_EVENT_IDS = 500
 RECENT_EVENTS = 100
@@ -120,6 +122,7 @@ class JourneyWorkflow:
         self.state = input.state or JourneyState()
         self.inbox: list[EventSignal] = []
         self.control: ControlRequest | None = None
+        self.status_signals = 0
         self.waiting_for: str | None = None
         self.wakeup: datetime | None = None
         self.handlers: dict[type, Callable[[Any], Awaitable[_Next]]] = {
@@ -228,6 +231,7 @@ class JourneyWorkflow:
             self.control = ControlRequest("exit", reason="journey stopped")
         elif signal.status in ("active", "paused"):
             self.state.journey_status = signal.status
+        self.status_signals += 1
 
     @workflow.update
     def move(self, request: ControlRequest) -> ControlResult:
@@ -490,8 +494,16 @@ class JourneyWorkflow:
                 # Retries ran out (a provider down for a day): record it and go on.
                 return _Next(outcome=f"{step.type} failed: {err.cause or err}")
             if result.status == "held":
-                # The journey was paused before our signal arrived: hold until resumed.
-                self.state.journey_status = "paused"
+                # The journey was paused but our signal has not come (or crossed a resume):
+                # wait for the next status signal, and look again now and then regardless.
+                seen = self.status_signals
+                self.waiting_for = "the journey to be resumed"
+                await self._hold(
+                    lambda: self.status_signals > seen,
+                    workflow.now() + HELD_SEND_RECHECK,
+                    f"Check whether journey '{self.input.journey_key}' was resumed",
+                )
+                self.waiting_for = None
                 continue
             return _Next(
                 outcome=f"{step.type} {result.status}"
