@@ -49,15 +49,42 @@ class Settings(BaseSettings):
     outbox_dir: Path | None = Field(
         default=None, description="Local outbox directory. Unset: <data_dir>/outbox."
     )
-    email_provider: Literal["outbox"] = Field(
+    email_provider: Literal["outbox", "sendgrid", "smtp"] = Field(
         default="outbox",
-        description="Email provider: outbox (every message saved as an .eml file in outbox_dir).",
+        description="Email provider: outbox (every message saved as an .eml file in "
+        "outbox_dir), sendgrid (needs sendgrid_api_key) or smtp (needs smtp_host).",
+    )
+    sendgrid_api_key: str | None = Field(default=None, description="SendGrid API key.")
+    sendgrid_base_url: str = Field(
+        default="https://api.sendgrid.com", description="SendGrid API base URL."
+    )
+    smtp_host: str | None = Field(default=None, description="SMTP server host.")
+    smtp_port: int = Field(default=587, description="SMTP server port.")
+    smtp_username: str | None = Field(default=None, description="SMTP login user. Unset: no login.")
+    smtp_password: str | None = Field(default=None, description="SMTP login password.")
+    smtp_starttls: bool = Field(
+        default=True, description="Upgrade the SMTP connection with STARTTLS before sending."
+    )
+    sms_provider: Literal["outbox", "twilio"] = Field(
+        default="outbox",
+        description="SMS provider: outbox (every text saved as JSON in outbox_dir) or twilio "
+        "(needs twilio_account_sid and twilio_auth_token).",
+    )
+    twilio_account_sid: str | None = Field(default=None, description="Twilio account SID.")
+    twilio_auth_token: str | None = Field(default=None, description="Twilio auth token.")
+    twilio_base_url: str = Field(
+        default="https://api.twilio.com", description="Twilio REST API base URL."
     )
     email_from: str = Field(
         default="Nurture <hello@nurture.localhost>", description="From address of emails."
     )
 
     sms_from: str = Field(default="+15550100000", description="Sender number of SMS (E.164).")
+    sendgrid_webhook_public_key: str | None = Field(
+        default=None,
+        description="SendGrid Event Webhook verification key (base64 DER, as SendGrid shows "
+        "it). Unset: POST /webhooks/sendgrid refuses every request.",
+    )
     webhook_secret: str | None = Field(
         default=None,
         description="HMAC key that signs outbound webhook steps (X-Nurture-Signature). "

@@ -17,12 +17,16 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
 from activities.contacts import snapshot
+from activities.providers import EmailProvider, ProviderRejected, SmsProvider
 from activities.providers.outbox import (
     OutboxEmailProvider,
     OutboxSmsProvider,
     OutgoingEmail,
     OutgoingSms,
 )
+from activities.providers.sendgrid import SendGridEmailProvider
+from activities.providers.smtp import SmtpEmailProvider
+from activities.providers.twilio_sms import TwilioSmsProvider
 from activities.rendering import TemplateError, render_context, render_email, render_text
 from models.contracts import SendMessageInput, SendMessageResult
 from models.db import session_scope
@@ -43,16 +47,49 @@ from models.tables import (
 from settings import Settings
 
 
-def email_provider(settings: Settings) -> OutboxEmailProvider:
-    """The provider ``NURTURE_EMAIL_PROVIDER`` names."""
+def email_provider(settings: Settings) -> EmailProvider:
+    """The provider ``NURTURE_EMAIL_PROVIDER`` names, built from its settings."""
     match settings.email_provider:
         case "outbox":
             return OutboxEmailProvider(settings.outbox_path)
+        case "sendgrid":
+            return SendGridEmailProvider(
+                _required(settings, "sendgrid", "sendgrid_api_key"), settings.sendgrid_base_url
+            )
+        case "smtp":
+            return SmtpEmailProvider(
+                _required(settings, "smtp", "smtp_host"),
+                settings.smtp_port,
+                settings.smtp_username,
+                settings.smtp_password,
+                settings.smtp_starttls,
+            )
     raise ValueError(f"unknown email provider {settings.email_provider!r}")
 
 
-def sms_provider(settings: Settings) -> OutboxSmsProvider:
-    return OutboxSmsProvider(settings.outbox_path)
+def sms_provider(settings: Settings) -> SmsProvider:
+    """The provider ``NURTURE_SMS_PROVIDER`` names, built from its settings."""
+    match settings.sms_provider:
+        case "outbox":
+            return OutboxSmsProvider(settings.outbox_path)
+        case "twilio":
+            return TwilioSmsProvider(
+                _required(settings, "twilio", "twilio_account_sid"),
+                _required(settings, "twilio", "twilio_auth_token"),
+                settings.sms_from,
+                settings.twilio_base_url,
+            )
+    raise ValueError(f"unknown SMS provider {settings.sms_provider!r}")
+
+
+def _required(settings: Settings, provider: str, name: str) -> str:
+    value = getattr(settings, name)
+    if not value:
+        raise ValueError(
+            f"the {provider} provider needs NURTURE_{name.upper()}; set it or choose "
+            "another provider"
+        )
+    return str(value)
 
 
 class MessagingActivities:
@@ -99,7 +136,8 @@ class MessagingActivities:
         )
         try:
             provider_id, subject = await self._deliver(channel, message, template, input, context)
-        except TemplateError as err:
+        except (TemplateError, ProviderRejected) as err:
+            # ProviderRetryable is left to propagate: Temporal retries the activity.
             return await self._fail(message, str(err))
         async with session_scope(self.database_url) as session:
             stored = await session.get(Message, message.id)
@@ -119,7 +157,7 @@ class MessagingActivities:
         template: Template,
         input: SendMessageInput,
         context: dict[str, Any],
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str | None, str | None]:
         assert message.to_address is not None
         if channel == MessageChannel.email:
             rendered = render_email(
@@ -132,6 +170,9 @@ class MessagingActivities:
                 subject=rendered.subject,
                 html=rendered.html,
                 text=rendered.text,
+                journey_key=input.journey_key,
+                step_id=input.step_id,
+                variant=input.variant,
             )
             return await asyncio.to_thread(self.email.send, email), rendered.subject
         body = render_text(template.text or "", context)

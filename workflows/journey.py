@@ -499,7 +499,7 @@ class JourneyWorkflow:
                 seen = self.status_signals
                 self.waiting_for = "the journey to be resumed"
                 await self._hold(
-                    lambda: self.status_signals > seen,
+                    lambda seen=seen: self.status_signals > seen,  # type: ignore[misc]
                     workflow.now() + HELD_SEND_RECHECK,
                     f"Check whether journey '{self.input.journey_key}' was resumed",
                 )

@@ -25,6 +25,27 @@ class OutgoingEmail:
     html: str | None
     text: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    # Where the message comes from, for providers that tag messages (SendGrid custom_args).
+    journey_key: str | None = None
+    step_id: str | None = None
+    variant: str | None = None
+
+
+def build_email_message(email: OutgoingEmail) -> EmailMessage:
+    """The MIME message: text part, optional HTML alternative, our id in the headers."""
+    message = EmailMessage()
+    message["From"] = email.sender
+    message["To"] = email.to
+    message["Subject"] = email.subject
+    message["Date"] = format_datetime(utcnow())
+    message["Message-ID"] = make_msgid(idstring=email.message_id, domain="nurture.localhost")
+    message["X-Nurture-Message-Id"] = email.message_id
+    for name, value in email.headers.items():
+        message[name] = value
+    message.set_content(email.text or "")
+    if email.html:
+        message.add_alternative(email.html, subtype="html")
+    return message
 
 
 class OutboxEmailProvider:
@@ -42,18 +63,7 @@ class OutboxEmailProvider:
         if target.exists():
             return target.name
         self.directory.mkdir(parents=True, exist_ok=True)
-        message = EmailMessage()
-        message["From"] = email.sender
-        message["To"] = email.to
-        message["Subject"] = email.subject
-        message["Date"] = format_datetime(utcnow())
-        message["Message-ID"] = make_msgid(idstring=email.message_id, domain="nurture.localhost")
-        message["X-Nurture-Message-Id"] = email.message_id
-        for name, value in email.headers.items():
-            message[name] = value
-        message.set_content(email.text or "")
-        if email.html:
-            message.add_alternative(email.html, subtype="html")
+        message = build_email_message(email)
         partial = target.with_suffix(".eml.partial")
         partial.write_bytes(bytes(message))
         os.replace(partial, target)
