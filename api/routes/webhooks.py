@@ -350,7 +350,7 @@ def _twilio_request_valid(
 async def _twilio_form(request: Request, settings: SettingsDep) -> dict[str, str]:
     """The form Twilio posted, once its X-Twilio-Signature has been checked."""
     body = await request.body()
-    token = getattr(settings, "twilio_auth_token", None)
+    token = settings.twilio_auth_token
     if not _twilio_request_valid(request, body, settings.public_url, token):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or missing Twilio signature")
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
