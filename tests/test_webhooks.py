@@ -31,8 +31,9 @@ from tests.helpers import contact, enroll, unique, wait_for_step
 from tests.test_journey_language import journey, state
 from tests.test_journey_workflow import messages_of, result_of
 
+# SendGrid's documented Event Webhook payloads (a copy of shared/reference/sendgrid-events.json).
 REFERENCE = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared/reference/sendgrid-events.json").read_text()
+    (Path(__file__).resolve().parent / "fixtures" / "sendgrid-events.json").read_text()
 )
 TWILIO_TOKEN = "twilio-test-auth-token"
 PRIVATE_KEY = ec.generate_private_key(ec.SECP256R1())
