@@ -75,9 +75,13 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
-    """Temporal's time-skipping test server: weeks of journey in seconds."""
+    """Temporal's time-skipping test server: weeks of journey in seconds.
+
+    One per test (it starts in about 0.2 s): its clock is global, and a run one test
+    leaves behind could otherwise hold or race the clock of the next.
+    """
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(BIN / "temporal-test-server")
     )
