@@ -12,12 +12,17 @@ import uuid
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
 from activities.contacts import snapshot
-from activities.providers import EmailProvider, ProviderRejected, SmsProvider
+from activities.providers import (
+    EmailProvider,
+    ProviderRejected,
+    ProviderRetryable,
+    SmsProvider,
+)
 from activities.providers.outbox import (
     OutboxEmailProvider,
     OutboxSmsProvider,
@@ -114,8 +119,19 @@ class MessagingActivities:
                 if await _journey_paused(session, input.journey_key):
                     return SendMessageResult(None, "held", "journey paused")
                 message = await self._record(session, channel, input)
-        if message.status != MessageStatus.pending:
+        provider = self.email if channel == MessageChannel.email else self.sms
+        if message.status not in (MessageStatus.pending, MessageStatus.sending):
             return SendMessageResult(str(message.id), message.status, message.skip_reason)
+        if message.status == MessageStatus.sending and not provider.idempotent:
+            # An earlier attempt died after calling the provider without an answer: it may
+            # have been accepted, so it is never handed over again. Delivery events confirm.
+            await self._set_status(message, MessageStatus.unconfirmed, MessageStatus.sending)
+            return SendMessageResult(
+                str(message.id),
+                MessageStatus.unconfirmed,
+                f"an earlier attempt may have reached {provider.name}; not sent again",
+            )
+        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
 
         async with session_scope(self.database_url) as session:
             contact = await session.get(Contact, message.contact_id)
@@ -137,12 +153,16 @@ class MessagingActivities:
         try:
             provider_id, subject = await self._deliver(channel, message, template, input, context)
         except (TemplateError, ProviderRejected) as err:
-            # ProviderRetryable is left to propagate: Temporal retries the activity.
             return await self._fail(message, str(err))
+        except ProviderRetryable as err:
+            if not err.may_have_reached:
+                # Provably not accepted: the retry may call the provider again.
+                await self._set_status(message, MessageStatus.pending, MessageStatus.sending)
+            raise
         async with session_scope(self.database_url) as session:
             stored = await session.get(Message, message.id)
             assert stored is not None
-            if stored.status == MessageStatus.pending:
+            if stored.status in (MessageStatus.pending, MessageStatus.sending):
                 stored.status = MessageStatus.sent
                 stored.sent_at = utcnow()
             stored.provider_message_id = provider_id
@@ -224,6 +244,17 @@ class MessagingActivities:
         message = await _message_by_key(session, input.idempotency_key)
         assert message is not None
         return message
+
+    async def _set_status(
+        self, message: Message, new: MessageStatus, expected: MessageStatus
+    ) -> None:
+        async with session_scope(self.database_url) as session:
+            await session.exec(
+                update(Message)
+                .where(col(Message.id) == message.id)
+                .where(col(Message.status) == expected)
+                .values(status=new)
+            )
 
     async def _fail(self, message: Message, error: str) -> SendMessageResult:
         async with session_scope(self.database_url) as session:

@@ -215,7 +215,9 @@ class MessageChannel(StrEnum):
 
 
 class MessageStatus(StrEnum):
-    pending = "pending"  # row written, provider not yet confirmed
+    pending = "pending"  # row written, provider not yet called
+    sending = "sending"  # a provider call is under way (or died without an answer)
+    unconfirmed = "unconfirmed"  # an attempt may have reached the provider: never re-sent
     sent = "sent"
     delivered = "delivered"
     opened = "opened"

@@ -4,6 +4,7 @@ send through them on the time-skipping server."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -21,8 +22,9 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
-from activities.messaging import email_provider, sms_provider
+from activities.messaging import MessagingActivities, email_provider, sms_provider
 from activities.providers import ProviderRejected, ProviderRetryable
 from activities.providers.outbox import OutgoingEmail, OutgoingSms
 from activities.providers.sendgrid import SendGridEmailProvider
@@ -32,7 +34,7 @@ from settings import Settings
 from tests.helpers import contact, enroll, unique
 from tests.test_journey_language import journey, outcome, state
 from tests.test_journey_workflow import messages_of, result_of
-from worker import build_worker
+from worker import WORKFLOWS, build_activities, build_worker
 
 ACCOUNT = "AC" + "0" * 32
 
@@ -391,3 +393,69 @@ async def test_journey_email_refused_by_sendgrid_is_failed_and_the_journey_goes_
     )
     assert after.status == "sent" and after.provider_message_id == "sg-journey-2"
     assert "failed" in outcome(view, "refused")
+
+
+async def test_worker_dying_after_sendgrid_accepted_never_sends_twice(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    settings: Settings,
+    fake: FakeProvider,
+) -> None:
+    """The provider accepts, then the activity dies before it records the send: the retry
+    finds the attempt under way, does not call SendGrid again, and says so."""
+    fake.answers = [accepted("sg-once"), accepted("sg-twice")]
+    through = through_sendgrid(settings, fake)
+    messaging = MessagingActivities(through)
+    real_send = messaging.email.send
+
+    def send_then_die(email: OutgoingEmail) -> str | None:
+        real_send(email)
+        raise RuntimeError("worker killed after SendGrid accepted the message")
+
+    messaging.email.send = send_then_die  # type: ignore[method-assign]
+    activities = [
+        a for a in build_activities(through) if getattr(a, "__name__", "") != "send_email"
+    ]
+    key = await journey(time_api, [{"id": "offer", "type": "email", "template": unique("t")}])
+    person = await contact(time_api)
+    async with Worker(
+        time_env.client,
+        task_queue=through.task_queue,
+        workflows=WORKFLOWS,
+        activities=[*activities, messaging.send_email],
+    ):
+        enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+        await result_of(time_env, enrolled["workflow_id"])
+        view = await state(time_api, enrolled["id"])
+
+    assert len(fake.calls) == 1
+    [message] = await messages_of(settings, enrolled["id"])
+    assert message.status == "unconfirmed"
+    assert outcome(view, "offer").startswith("email unconfirmed: an earlier attempt may have")
+
+
+async def test_send_that_provably_failed_is_retried(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    settings: Settings,
+) -> None:
+    """Connection refused: SendGrid never saw it, so the retry may send."""
+    through = settings.model_copy(
+        update={
+            "email_provider": "sendgrid",
+            "sendgrid_api_key": "SG.test",
+            "sendgrid_base_url": f"http://127.0.0.1:{unused_port()}",
+        }
+    )
+    key = await journey(time_api, [{"id": "offer", "type": "email", "template": unique("t")}])
+    person = await contact(time_api)
+    async with build_worker(time_env.client, through):
+        enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+        for _ in range(100):
+            [*rows] = await messages_of(settings, enrolled["id"])
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    [message] = await messages_of(settings, enrolled["id"])
+    assert message.status == "pending"

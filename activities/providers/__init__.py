@@ -16,8 +16,27 @@ from activities.providers.outbox import OutgoingEmail, OutgoingSms
 class ProviderRetryable(Exception):
     """The provider could not take the message now (rate limit, outage, network).
 
-    Left to propagate from the activity, so Temporal retries it.
+    Left to propagate from the activity, so Temporal retries it. ``may_have_reached``
+    says the request may have been accepted all the same (a timeout or a reset after
+    sending): then the message is never handed over a second time.
     """
+
+    def __init__(self, detail: str, *, may_have_reached: bool = False) -> None:
+        super().__init__(detail)
+        self.may_have_reached = may_have_reached
+
+
+def may_have_reached(err: BaseException) -> bool:
+    """False only when the connection was provably never made (refused)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or "Connection refused" in str(seen):
+            return False
+        reason = getattr(seen, "reason", None)
+        if isinstance(reason, ConnectionRefusedError):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
 
 
 class ProviderRejected(Exception):
@@ -29,11 +48,14 @@ class ProviderRejected(Exception):
 
 class EmailProvider(Protocol):
     name: str
+    # True when sending the same message id twice delivers it once (the local outbox).
+    idempotent: bool
 
     def send(self, email: OutgoingEmail) -> str | None: ...
 
 
 class SmsProvider(Protocol):
     name: str
+    idempotent: bool
 
     def send(self, sms: OutgoingSms) -> str | None: ...

@@ -50,6 +50,7 @@ def build_email_message(email: OutgoingEmail) -> EmailMessage:
 
 class OutboxEmailProvider:
     name = "outbox"
+    idempotent = True  # the file is named by our message id
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "email"
@@ -80,6 +81,7 @@ class OutgoingSms:
 
 class OutboxSmsProvider:
     name = "outbox"
+    idempotent = True  # the file is named by our message id
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory / "sms"

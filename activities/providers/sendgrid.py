@@ -14,7 +14,7 @@ from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Category, CustomArg, Header, Mail
 
-from activities.providers import ProviderRejected, ProviderRetryable
+from activities.providers import ProviderRejected, ProviderRetryable, may_have_reached
 from activities.providers.outbox import OutgoingEmail
 
 DEFAULT_BASE_URL = "https://api.sendgrid.com"
@@ -22,6 +22,7 @@ DEFAULT_BASE_URL = "https://api.sendgrid.com"
 
 class SendGridEmailProvider:
     name = "sendgrid"
+    idempotent = False
 
     def __init__(
         self, api_key: str, base_url: str = DEFAULT_BASE_URL, timeout: float = 30.0
@@ -62,7 +63,9 @@ class SendGridEmailProvider:
                 raise ProviderRetryable(detail) from None
             raise ProviderRejected(detail) from None
         except OSError as err:  # refused, reset, timed out, DNS: try again later
-            raise ProviderRetryable(f"SendGrid unreachable: {err}") from err
+            raise ProviderRetryable(
+                f"SendGrid unreachable: {err}", may_have_reached=may_have_reached(err)
+            ) from err
         message_id = response.headers.get("X-Message-Id")
         return str(message_id) if message_id else None
 

@@ -6,12 +6,13 @@ import smtplib
 import ssl
 from typing import NoReturn
 
-from activities.providers import ProviderRejected, ProviderRetryable
+from activities.providers import ProviderRejected, ProviderRetryable, may_have_reached
 from activities.providers.outbox import OutgoingEmail, build_email_message
 
 
 class SmtpEmailProvider:
     name = "smtp"
+    idempotent = False
 
     def __init__(
         self,
@@ -43,7 +44,10 @@ class SmtpEmailProvider:
         except smtplib.SMTPResponseException as err:
             _raise(err.smtp_code, err.smtp_error)
         except (smtplib.SMTPException, OSError) as err:
-            raise ProviderRetryable(f"SMTP server {self.host}:{self.port}: {err}") from err
+            raise ProviderRetryable(
+                f"SMTP server {self.host}:{self.port}: {err}",
+                may_have_reached=may_have_reached(err),
+            ) from err
         return str(message["Message-ID"])
 
 

@@ -7,7 +7,7 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from activities.providers import ProviderRejected, ProviderRetryable
+from activities.providers import ProviderRejected, ProviderRetryable, may_have_reached
 from activities.providers.outbox import OutgoingSms
 
 DEFAULT_BASE_URL = "https://api.twilio.com"
@@ -19,6 +19,7 @@ INVALID_NUMBERS = {21211, 21614}  # not a valid phone number / not a mobile numb
 
 class TwilioSmsProvider:
     name = "twilio"
+    idempotent = False
 
     def __init__(
         self,
@@ -45,5 +46,7 @@ class TwilioSmsProvider:
                 raise ProviderRetryable(detail) from None
             raise ProviderRejected(detail) from None
         except (RequestException, OSError) as err:
-            raise ProviderRetryable(f"Twilio unreachable: {err}") from err
+            raise ProviderRetryable(
+                f"Twilio unreachable: {err}", may_have_reached=may_have_reached(err)
+            ) from err
         return message.sid

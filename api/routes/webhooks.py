@@ -123,6 +123,8 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 # Progress only moves forward; the terminal outcomes (and a skipped message) never change.
 _RANK = {
     MessageStatus.pending: 0,
+    MessageStatus.sending: 0,
+    MessageStatus.unconfirmed: 0,
     MessageStatus.sent: 1,
     MessageStatus.delivered: 2,
     MessageStatus.opened: 3,
