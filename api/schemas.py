@@ -155,6 +155,22 @@ class TemplateIn(_Body):
         return self
 
 
+class PreviewIn(ContactRef):
+    """Render a template as this contact would see it."""
+
+    trigger: dict[str, Any] | None = Field(
+        default=None, description="Event data the template sees as `trigger`."
+    )
+    journey: str | None = Field(default=None, description="Journey key the template sees.")
+
+
+class PreviewOut(BaseModel):
+    channel: str
+    subject: str | None
+    html: str | None
+    text: str | None
+
+
 class TemplatePublic(BaseModel):
     key: str
     channel: str

@@ -515,3 +515,47 @@ async def test_journey_status_changes_need_a_sensible_state(time_api: httpx.Asyn
     draft_pause = await time_api.post(f"/v1/journeys/{key}/pause")
     assert draft_pause.status_code == 409 and "is draft" in draft_pause.text
     assert (await time_api.post("/v1/journeys/nope/stop")).status_code == 404
+
+
+async def test_template_preview_renders_for_a_chosen_contact(time_api: httpx.AsyncClient) -> None:
+    key = unique("preview")
+    await time_api.put(
+        f"/v1/templates/{key}",
+        json={
+            "channel": "email",
+            "subject": "{{ contact.first_name | default('Hi') }}, "
+            "about {{ trigger.properties.plan }}",
+            "html": "<p>{{ contact.company }}</p>",
+            "text": "Hello {{ contact.first_name }}",
+        },
+    )
+    ada = await contact(time_api, attributes={"first_name": "Ada", "company": "<Acme & Co>"})
+    shown = await time_api.post(
+        f"/v1/templates/{key}/preview",
+        json={"contact_id": ada["id"], "trigger": {"properties": {"plan": "pro"}}},
+    )
+    assert shown.status_code == 200, shown.text
+    assert shown.json() == {
+        "channel": "email",
+        "subject": "Ada, about pro",
+        "html": "<p>&lt;Acme &amp; Co&gt;</p>",
+        "text": "Hello Ada",
+    }
+    bare = await contact(time_api)
+    fallback = (
+        await time_api.post(f"/v1/templates/{key}/preview", json={"email": bare["email"]})
+    ).json()
+    assert fallback["subject"] == "Hi, about" and fallback["text"] == "Hello "
+    missing = await time_api.post(
+        f"/v1/templates/{key}/preview", json={"email": "nobody@example.com"}
+    )
+    assert missing.status_code == 404
+    unknown = await time_api.post("/v1/templates/no-such/preview", json={"contact_id": ada["id"]})
+    assert unknown.status_code == 404 and "no template with key" in unknown.text
+    escape = unique("escape")
+    await time_api.put(
+        f"/v1/templates/{escape}",
+        json={"channel": "sms", "text": "{% set x = contact.update({'a': 1}) %}hi"},
+    )
+    refused = await time_api.post(f"/v1/templates/{escape}/preview", json={"contact_id": ada["id"]})
+    assert refused.status_code == 422 and "failed to render" in refused.text

@@ -5,9 +5,17 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response, status
 from sqlmodel import col, select
 
-from activities.rendering import TemplateError, check_template
+from activities.contacts import snapshot
+from activities.rendering import (
+    TemplateError,
+    check_template,
+    render_context,
+    render_email,
+    render_text,
+)
 from api.deps import SessionDep
-from api.schemas import TemplateIn, TemplatePublic
+from api.schemas import PreviewIn, PreviewOut, TemplateIn, TemplatePublic
+from api.services import find_contact
 from models.journey import KEY_PATTERN
 from models.tables import Template, TemplateChannel, utcnow
 
@@ -53,3 +61,34 @@ async def get_template(key: TemplateKey, session: SessionDep) -> TemplatePublic:
 async def list_templates(session: SessionDep) -> list[TemplatePublic]:
     rows = (await session.exec(select(Template).order_by(col(Template.key)))).all()
     return [TemplatePublic.model_validate(t, from_attributes=True) for t in rows]
+
+
+@router.post("/{key}/preview", response_model=PreviewOut)
+async def preview_template(key: TemplateKey, body: PreviewIn, session: SessionDep) -> PreviewOut:
+    """Render the template against a chosen contact (and trigger data), as it would be sent."""
+    template = (await session.exec(select(Template).where(Template.key == key))).first()
+    if template is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no template with key {key!r}")
+    contact = await find_contact(session, body)
+    context = render_context(
+        snapshot(contact).__dict__, {"key": body.journey} if body.journey else None, body.trigger
+    )
+    try:
+        if template.channel == TemplateChannel.email:
+            rendered = render_email(template.subject, template.html, template.text, context)
+            return PreviewOut(
+                channel=template.channel,
+                subject=rendered.subject,
+                html=rendered.html,
+                text=rendered.text,
+            )
+        return PreviewOut(
+            channel=template.channel,
+            subject=None,
+            html=None,
+            text=render_text(template.text or "", context),
+        )
+    except TemplateError as err:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"template {key}: {err}"
+        ) from None
