@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     public_url: str = Field(
         default="http://127.0.0.1:8000", description="Public base URL of the API (links in mail)."
     )
+    tracking_secret: str | None = Field(
+        default=None,
+        description="HMAC key of the tokens in links in mail (unsubscribe). "
+        "Unset: the API key is used.",
+    )
     outbox_dir: Path | None = Field(
         default=None, description="Local outbox directory. Unset: <data_dir>/outbox."
     )

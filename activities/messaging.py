@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from html import escape
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
@@ -33,6 +34,7 @@ from activities.providers.sendgrid import SendGridEmailProvider
 from activities.providers.smtp import SmtpEmailProvider
 from activities.providers.twilio_sms import TwilioSmsProvider
 from activities.rendering import TemplateError, render_context, render_email, render_text
+from api.tokens import sign, tracking_key
 from models.contracts import SendMessageInput, SendMessageResult
 from models.db import session_scope
 from models.tables import (
@@ -85,6 +87,18 @@ def sms_provider(settings: Settings) -> SmsProvider:
                 settings.twilio_base_url,
             )
     raise ValueError(f"unknown SMS provider {settings.sms_provider!r}")
+
+
+def _with_unsubscribe_footer(
+    html: str | None, text: str | None, url: str
+) -> tuple[str | None, str | None]:
+    """Both parts with a visible unsubscribe line unless the template already shows the link."""
+    if html is not None and url not in html:
+        link = escape(url, quote=True)
+        html += f'\n<p style="font-size:12px"><a href="{link}">Unsubscribe</a></p>'
+    if text is not None and url not in text:
+        text += f"\n\n--\nUnsubscribe: {url}\n"
+    return html, text
 
 
 def _required(settings: Settings, provider: str, name: str) -> str:
@@ -180,16 +194,25 @@ class MessagingActivities:
     ) -> tuple[str | None, str | None]:
         assert message.to_address is not None
         if channel == MessageChannel.email:
+            # RFC 8058 one-click unsubscribe, and the same link for templates to show.
+            token = sign("unsubscribe", str(message.id), key=tracking_key(self.settings))
+            unsubscribe_url = f"{self.settings.public_url.rstrip('/')}/u/{token}"
+            context = {**context, "unsubscribe_url": unsubscribe_url}
             rendered = render_email(
                 input.subject or template.subject, template.html, template.text, context
             )
+            html, text = _with_unsubscribe_footer(rendered.html, rendered.text, unsubscribe_url)
             email = OutgoingEmail(
                 message_id=str(message.id),
                 to=message.to_address,
                 sender=self.settings.email_from,
                 subject=rendered.subject,
-                html=rendered.html,
-                text=rendered.text,
+                html=html,
+                text=text,
+                headers={
+                    "List-Unsubscribe": f"<{unsubscribe_url}>",
+                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                },
                 journey_key=input.journey_key,
                 step_id=input.step_id,
                 variant=input.variant,

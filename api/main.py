@@ -10,7 +10,7 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from api.deps import SessionDep, require_api_key
-from api.routes import contacts, enrollments, events, journeys, templates, webhooks
+from api.routes import contacts, enrollments, events, journeys, templates, unsubscribe, webhooks
 from settings import Settings, get_settings
 
 
@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(v1)
     # Provider webhooks are authenticated by the providers' signatures, not the API key.
     app.include_router(webhooks.router)
+    # Unsubscribe links in mail are authenticated by their signed token, not the API key.
+    app.include_router(unsubscribe.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(session: SessionDep) -> dict[str, str]:

