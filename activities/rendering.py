@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import css_inline
 from jinja2 import ChainableUndefined, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -76,11 +77,27 @@ def render_text(source: str, context: dict[str, Any]) -> str:
     return _render(source, context, html=False) or ""
 
 
+# Email clients drop <style> blocks (Gmail keeps only inline styles): rules are moved into
+# style attributes; media queries stay in <style> for clients that honour them. Remote
+# stylesheets are never fetched at send time.
+_INLINER = css_inline.CSSInliner(keep_at_rules=True, load_remote_stylesheets=False)
+
+
+def inline_css(html: str) -> str:
+    if "<style" not in html.lower():
+        return html
+    try:
+        return str(_INLINER.inline(html))
+    except ValueError:
+        return html  # CSS it cannot parse is sent as written rather than failing the send
+
+
 def render_email(
     subject: str | None, html: str | None, text: str | None, context: dict[str, Any]
 ) -> RenderedEmail:
+    rendered_html = _render(html, context, html=True)
     return RenderedEmail(
         subject=" ".join((_render(subject or "", context, html=False) or "").split()),
-        html=_render(html, context, html=True),
+        html=inline_css(rendered_html) if rendered_html is not None else None,
         text=_render(text, context, html=False),
     )

@@ -136,3 +136,19 @@ def test_html_is_autoescaped_and_sandboxed() -> None:
 def test_template_syntax_errors_name_part_and_line() -> None:
     with pytest.raises(TemplateError, match="html: line 2"):
         check_template("html", "<p>ok</p>\n{% if %}", html=True)
+
+
+def test_email_css_is_inlined_and_media_queries_kept() -> None:
+    html = (
+        "<html><head><style>p.lead { color: #d33; } "
+        "@media (max-width: 600px) { p.lead { font-size: 18px; } }</style></head>"
+        "<body><p class='lead'>Hi {{ contact.first_name }}</p></body></html>"
+    )
+    rendered = render_email(
+        "s", html, None, render_context({"attributes": {"first_name": "Ada"}}, None, None)
+    )
+    assert rendered.html is not None
+    assert '<p class="lead" style="color: #d33;">Hi Ada</p>' in rendered.html
+    assert "@media (max-width: 600px)" in rendered.html
+    plain = render_email("s", "<p>No styles</p>", None, render_context({}, None, None))
+    assert plain.html == "<p>No styles</p>"

@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,7 +91,8 @@ def sendgrid_event(kind: str, message_id: Any = None, **fields: Any) -> dict[str
     return {**event, **fields}
 
 
-def sign_sendgrid(body: bytes, timestamp: str = "1700000000") -> dict[str, str]:
+def sign_sendgrid(body: bytes, timestamp: str | None = None) -> dict[str, str]:
+    timestamp = timestamp or str(int(time.time()))
     signature = PRIVATE_KEY.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))
     return {
         "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode(),
@@ -260,7 +262,7 @@ async def test_sendgrid_bad_signature_is_refused_and_nothing_is_stored(
     forged = base64.b64encode(other_key.sign(b"1700000000" + body, ec.ECDSA(hashes.SHA256())))
     attempts = [
         (tampered, sign_sendgrid(body)),
-        (body, {**sign_sendgrid(body), "X-Twilio-Email-Event-Webhook-Timestamp": "1700000001"}),
+        (body, {**sign_sendgrid(body), "X-Twilio-Email-Event-Webhook-Timestamp": "1"}),
         (body, {**sign_sendgrid(body), "X-Twilio-Email-Event-Webhook-Signature": forged.decode()}),
         (body, {**sign_sendgrid(body), "X-Twilio-Email-Event-Webhook-Signature": "not base64!"}),
         (body, {"Content-Type": "application/json"}),
@@ -269,6 +271,22 @@ async def test_sendgrid_bad_signature_is_refused_and_nothing_is_stored(
         response = await hooks.post("/webhooks/sendgrid", content=content, headers=headers)
         assert response.status_code == 403, response.text
     assert await events_with(hook_settings, [f"sendgrid:{event['sg_event_id']}"]) == []
+
+
+async def test_sendgrid_replayed_request_is_refused(
+    hooks: httpx.AsyncClient, hook_settings: Settings
+) -> None:
+    """A captured, validly signed request sent again an hour later is refused."""
+    event = sendgrid_event("delivered", uuid.uuid4())
+    body = json.dumps([event]).encode()
+    an_hour_ago = str(int(time.time()) - 3600)
+    replayed = await hooks.post(
+        "/webhooks/sendgrid", content=body, headers=sign_sendgrid(body, an_hour_ago)
+    )
+    assert replayed.status_code == 403 and "stale" in replayed.text
+    assert await events_with(hook_settings, [f"sendgrid:{event['sg_event_id']}"]) == []
+    fresh = await hooks.post("/webhooks/sendgrid", content=body, headers=sign_sendgrid(body))
+    assert fresh.status_code == 200
 
 
 async def test_sendgrid_without_a_configured_key_refuses_everything(

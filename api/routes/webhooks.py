@@ -13,8 +13,9 @@ import base64
 import binascii
 import json
 import logging
+import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -118,6 +119,8 @@ TWILIO_EVENT_NAMES = {
 # Twilio's standard opt-out and opt-in keywords.
 SMS_OPT_OUT = {"STOP", "STOPALL", "UNSUBSCRIBE", "END", "QUIT", "REVOKE", "OPTOUT", "CANCEL"}
 SMS_OPT_IN = {"START", "YES", "UNSTOP"}
+# How far a signed SendGrid request's timestamp may be from now (clock skew included).
+SENDGRID_FRESHNESS = timedelta(minutes=15)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
 
 # Progress only moves forward; the terminal outcomes (and a skipped message) never change.
@@ -257,13 +260,17 @@ async def sendgrid_events(
 ) -> dict[str, int]:
     """SendGrid's Event Webhook: a signed JSON array of up to 1,000 events."""
     body = await request.body()
+    stamp = request.headers.get(SENDGRID_TIMESTAMP, "")
     if not verify_sendgrid(
         settings.sendgrid_webhook_public_key,
         request.headers.get(SENDGRID_SIGNATURE, ""),
-        request.headers.get(SENDGRID_TIMESTAMP, ""),
+        stamp,
         body,
     ):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or missing SendGrid signature")
+    if not stamp.isdigit() or abs(time.time() - int(stamp)) > SENDGRID_FRESHNESS.total_seconds():
+        # A captured request replayed later: its signature is valid, its moment is not.
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "stale SendGrid signature timestamp")
     try:
         payload = json.loads(body)
     except ValueError as err:
