@@ -34,7 +34,7 @@ from activities.providers.sendgrid import SendGridEmailProvider
 from activities.providers.smtp import SmtpEmailProvider
 from activities.providers.twilio_sms import TwilioSmsProvider
 from activities.rendering import TemplateError, render_context, render_email, render_text
-from api.tokens import sign, tracking_key
+from api.tokens import sign, track_html, tracking_key
 from models.contracts import SendMessageInput, SendMessageResult
 from models.db import session_scope
 from models.tables import (
@@ -202,6 +202,15 @@ class MessagingActivities:
                 input.subject or template.subject, template.html, template.text, context
             )
             html, text = _with_unsubscribe_footer(rendered.html, rendered.text, unsubscribe_url)
+            if html is not None and self.email.name != "sendgrid":
+                # Our own open/click tracking; SendGrid tracks opens and clicks itself.
+                html = track_html(
+                    html,
+                    base_url=self.settings.public_url,
+                    message_id=str(message.id),
+                    key=tracking_key(self.settings),
+                    skip=unsubscribe_url,
+                )
             email = OutgoingEmail(
                 message_id=str(message.id),
                 to=message.to_address,

@@ -10,7 +10,16 @@ from sqlalchemy import text
 from temporalio.client import Client
 
 from api.deps import SessionDep, require_api_key
-from api.routes import contacts, enrollments, events, journeys, templates, unsubscribe, webhooks
+from api.routes import (
+    contacts,
+    enrollments,
+    events,
+    journeys,
+    templates,
+    tracking,
+    unsubscribe,
+    webhooks,
+)
 from settings import Settings, get_settings
 
 
@@ -45,6 +54,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.include_router(webhooks.router)
     # Unsubscribe links in mail are authenticated by their signed token, not the API key.
     app.include_router(unsubscribe.router)
+    app.include_router(tracking.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(session: SessionDep) -> dict[str, str]:
