@@ -96,6 +96,27 @@ class Settings(BaseSettings):
         "Unset: the run command generates one and keeps it in data_dir.",
     )
 
+    email_daily_cap: int | None = Field(
+        default=None,
+        ge=1,
+        description="At most this many journey emails per contact in any 24 hours; "
+        "more are deferred, not dropped. Unset: no cap.",
+    )
+    sms_daily_cap: int | None = Field(
+        default=None, ge=1, description="The same cap for SMS. Unset: no cap."
+    )
+    email_quiet_hours: str | None = Field(
+        default=None,
+        pattern=r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$",
+        description="Local hours with no email, e.g. 21:00-08:00; sends wait for the end.",
+    )
+    sms_quiet_hours: str | None = Field(
+        default=None,
+        pattern=r"^\d{1,2}:\d{2}-\d{1,2}:\d{2}$",
+        description="Local hours with no SMS, e.g. 21:00-08:00 (contact's zone, else the "
+        "journey's, else UTC); sends wait for the end.",
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

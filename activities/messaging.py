@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta
 from html import escape
 from typing import Any
 
@@ -37,6 +38,7 @@ from activities.rendering import TemplateError, render_context, render_email, re
 from api.tokens import sign, track_html, tracking_key
 from models.contracts import SendMessageInput, SendMessageResult
 from models.db import session_scope
+from models.schedule import Window, resolve_zone, window_opens_at
 from models.tables import (
     Contact,
     Enrollment,
@@ -132,6 +134,9 @@ class MessagingActivities:
             if message is None:
                 if await _journey_paused(session, input.journey_key):
                     return SendMessageResult(None, "held", "journey paused")
+                deferred = await self._deferral(session, channel, input)
+                if deferred is not None:
+                    return deferred
                 message = await self._record(session, channel, input)
         provider = self.email if channel == MessageChannel.email else self.sms
         if message.status not in (MessageStatus.pending, MessageStatus.sending):
@@ -276,6 +281,53 @@ class MessagingActivities:
         message = await _message_by_key(session, input.idempotency_key)
         assert message is not None
         return message
+
+    async def _deferral(
+        self, session: AsyncSession, channel: MessageChannel, input: SendMessageInput
+    ) -> SendMessageResult | None:
+        """Quiet hours and the frequency cap defer a send (never drop it): when to retry."""
+        email = channel == MessageChannel.email
+        quiet = self.settings.email_quiet_hours if email else self.settings.sms_quiet_hours
+        cap = self.settings.email_daily_cap if email else self.settings.sms_daily_cap
+        if quiet is None and cap is None:
+            return None
+        now = datetime.fromisoformat(input.now) if input.now else utcnow()
+        # The row lock makes two journeys sending to one contact count one after the other.
+        contact = await session.get(Contact, uuid.UUID(input.contact_id), with_for_update=True)
+        if contact is None:
+            return None
+        if quiet is not None:
+            start, end = quiet.split("-")
+            zone, _ = resolve_zone(contact.timezone, input.default_timezone)
+            allowed = Window.parse(end, start, None)
+            opens = window_opens_at(now, allowed, zone)
+            if opens > now:
+                return SendMessageResult(
+                    None, "deferred", f"quiet hours {quiet}", retry_at=opens.isoformat()
+                )
+        if cap is not None:
+            since = now - timedelta(days=1)
+            recent = (
+                await session.exec(
+                    select(Message.created_at)
+                    .where(Message.contact_id == contact.id)
+                    .where(Message.channel == channel)
+                    .where(col(Message.created_at) >= since)
+                    .where(
+                        col(Message.status).not_in([MessageStatus.skipped, MessageStatus.failed])
+                    )
+                    .order_by(col(Message.created_at))
+                )
+            ).all()
+            if len(recent) >= cap:
+                retry = recent[len(recent) - cap] + timedelta(days=1)
+                return SendMessageResult(
+                    None,
+                    "deferred",
+                    f"{cap} {channel} a day already sent",
+                    retry_at=max(retry, now + timedelta(minutes=1)).isoformat(),
+                )
+        return None
 
     async def _set_status(
         self, message: Message, new: MessageStatus, expected: MessageStatus

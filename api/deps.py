@@ -28,7 +28,9 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the commit happens before the response is sent, so a client that
+# got 201 can read what it wrote at once, and a failed commit is never answered 2xx.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 def get_temporal(request: Request) -> Client:

@@ -163,13 +163,17 @@ class SendMessageInput:
     subject: str | None = None
     variant: str | None = None
     trigger: dict[str, Any] | None = None
+    # The workflow's clock and the journey's zone, for frequency caps and quiet hours.
+    now: str | None = None
+    default_timezone: str | None = None
 
 
 @dataclass
 class SendMessageResult:
     message_id: str | None
-    status: str  # sent | skipped | failed | held (journey paused: nothing written)
+    status: str  # sent | skipped | failed | held (journey paused) | deferred (cap, quiet hours)
     reason: str | None = None
+    retry_at: str | None = None  # deferred: when to try again
 
 
 # The names the first workflow code used; payloads are the same JSON.

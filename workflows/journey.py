@@ -483,6 +483,8 @@ class JourneyWorkflow:
                         subject=step.subject if isinstance(step, EmailStep) else None,
                         variant=self.state.variant,
                         trigger=self.input.trigger,
+                        now=workflow.now().isoformat(),
+                        default_timezone=self.document.default_timezone,
                     ),
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(days=1),
@@ -493,6 +495,14 @@ class JourneyWorkflow:
             except ActivityError as err:
                 # Retries ran out (a provider down for a day): record it and go on.
                 return _Next(outcome=f"{step.type} failed: {err.cause or err}")
+            if result.status == "deferred" and result.retry_at:
+                until = datetime.fromisoformat(result.retry_at)
+                self.waiting_for = f"{result.reason}; sending at {until.isoformat()}"
+                await self._hold(
+                    lambda: False, until, f"Defer the {step.type} (step {step.id}): {result.reason}"
+                )
+                self.waiting_for = None
+                continue
             if result.status == "held":
                 # The journey was paused but our signal has not come (or crossed a resume):
                 # wait for the next status signal, and look again now and then regardless.
