@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import threading
+import uuid
 from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -30,8 +31,10 @@ from activities.providers.outbox import OutgoingEmail, OutgoingSms
 from activities.providers.sendgrid import SendGridEmailProvider
 from activities.providers.smtp import SmtpEmailProvider
 from activities.providers.twilio_sms import TwilioSmsProvider
+from models.db import session_scope
+from models.tables import Contact, SubscriptionStatus
 from settings import Settings
-from tests.helpers import contact, enroll, unique
+from tests.helpers import contact, enroll, unique, wait_for_step
 from tests.test_journey_language import journey, outcome, state
 from tests.test_journey_workflow import messages_of, result_of
 from worker import WORKFLOWS, build_activities, build_worker
@@ -459,3 +462,37 @@ async def test_send_that_provably_failed_is_retried(
         await asyncio.sleep(0.5)
     [message] = await messages_of(settings, enrolled["id"])
     assert message.status == "pending"
+
+
+async def test_suppressed_contact_never_reaches_sendgrid(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    settings: Settings,
+    fake: FakeProvider,
+) -> None:
+    """Unsubscribed after enrollment: the send activity checks at send time, SendGrid sees
+    nothing, and the journey goes on."""
+    fake.answers = [accepted("sg-should-not-happen")]
+    key = await journey(
+        time_api,
+        [
+            {"id": "ready", "type": "wait_for", "event": "go"},
+            {"id": "offer", "type": "email", "template": unique("t")},
+        ],
+    )
+    person = await contact(time_api)
+    async with build_worker(time_env.client, through_sendgrid(settings, fake)):
+        enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+        await wait_for_step(time_api, enrolled["id"], "ready")
+        async with session_scope(settings.database_url) as session:
+            stored = await session.get(Contact, uuid.UUID(person["id"]))
+            assert stored is not None
+            stored.email_status = SubscriptionStatus.unsubscribed
+            session.add(stored)
+        await time_api.post(
+            "/v1/events", json={"id": unique("go"), "contact_id": person["id"], "name": "go"}
+        )
+        await result_of(time_env, enrolled["workflow_id"])
+    assert fake.calls == []
+    [message] = await messages_of(settings, enrolled["id"])
+    assert (message.status, message.skip_reason) == ("skipped", "email unsubscribed")
