@@ -21,12 +21,10 @@ from sqlmodel import col, select
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from devstack.temporal import register_search_attributes
 from models.contracts import JourneyInput
 from models.db import session_scope
 from models.tables import Contact, CrmTask, Enrollment, Journey, WebhookCall
 from settings import Settings
-from tests.conftest import BIN
 from tests.helpers import contact, enroll, publish, put_template, unique, wait_for_step
 from tests.test_journey_workflow import messages_of, result_of
 from worker import build_worker
@@ -793,7 +791,7 @@ async def test_loop_without_a_wait_fails_instead_of_spinning(
 
 
 async def test_long_looping_journey_continues_as_new_with_bounded_history(
-    time_api: httpx.AsyncClient, settings: Settings
+    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, settings: Settings
 ) -> None:
     steps: list[dict[str, Any]] = [
         {"id": "tick", "type": "wait", "duration": "6d"},
@@ -805,39 +803,31 @@ async def test_long_looping_journey_continues_as_new_with_bounded_history(
     key = await journey(time_api, steps)
     person = await contact(time_api)
     version = (await time_api.get(f"/v1/journeys/{key}/versions/1")).json()
-    # A private time-skipping server: a year of ticks must not wait on other tests' clocks.
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(BIN / "temporal-test-server")
-    )
-    try:
-        await register_search_attributes(env.client)
-        async with build_worker(env.client, settings):
-            # Started directly, with a small history budget, to force many hand-overs.
-            run = await env.client.start_workflow(
-                JourneyWorkflow.run,
-                JourneyInput(
-                    str(uuid.uuid4()), key, 1, version["document"], person["id"], history_budget=150
-                ),
-                id=unique("budget"),
-                task_queue=settings.task_queue,
+    async with build_worker(time_env.client, settings):
+        # Started directly, with a small history budget, to force many hand-overs.
+        run = await time_env.client.start_workflow(
+            JourneyWorkflow.run,
+            JourneyInput(
+                str(uuid.uuid4()), key, 1, version["document"], person["id"], history_budget=150
+            ),
+            id=unique("budget"),
+            task_queue=settings.task_queue,
+        )
+        async with asyncio.timeout(120):
+            result = await run.result()
+        assert result.status == "exited"
+        lengths = []
+        run_id: str | None = run.first_execution_run_id
+        while run_id:
+            history = await time_env.client.get_workflow_handle(
+                run.id, run_id=run_id
+            ).fetch_history()
+            lengths.append(len(history.events))
+            last = history.events[-1]
+            run_id = (
+                last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
+                or None
             )
-            async with asyncio.timeout(120):
-                result = await run.result()
-            assert result.status == "exited"
-            lengths = []
-            run_id: str | None = run.first_execution_run_id
-            while run_id:
-                history = await env.client.get_workflow_handle(
-                    run.id, run_id=run_id
-                ).fetch_history()
-                lengths.append(len(history.events))
-                last = history.events[-1]
-                run_id = (
-                    last.workflow_execution_continued_as_new_event_attributes.new_execution_run_id
-                    or None
-                )
-    finally:
-        await env.shutdown()
     assert len(lengths) > 3 and max(lengths) < 250
     async with session_scope(settings.database_url) as session:
         stored = await session.get(Contact, uuid.UUID(person["id"]))
