@@ -117,6 +117,42 @@ class Settings(BaseSettings):
         "journey's, else UTC); sends wait for the end.",
     )
 
+    audience_refresh_every: str = Field(
+        default="15m",
+        pattern=r"^\d+[smhd]$",
+        description="How often a Temporal Schedule recomputes scores, lifecycle stages and "
+        "segment membership for time-based conditions (e.g. no activity in 30 days).",
+    )
+    import_max_rows: int = Field(
+        default=200_000, ge=1, description="Most rows one contact import may carry."
+    )
+    import_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="Largest contact import body, in bytes."
+    )
+    crm_adapter: Literal["none", "webhook", "hubspot"] = Field(
+        default="none",
+        description="Where sales tasks and CRM updates are synced: none (Nurture's own tables "
+        "only), webhook (signed POST to crm_webhook_url) or hubspot (needs hubspot_token).",
+    )
+    crm_webhook_url: str | None = Field(
+        default=None, description="URL the webhook CRM adapter posts tasks and updates to."
+    )
+    crm_webhook_secret: str | None = Field(
+        default=None,
+        description="HMAC key signing the webhook CRM adapter's posts. Unset: webhook_secret.",
+    )
+    hubspot_base_url: str = Field(
+        default="https://api.hubapi.com", description="HubSpot API base URL."
+    )
+    hubspot_token: str | None = Field(
+        default=None, description="HubSpot private-app (or OAuth) access token."
+    )
+    outbound_allow_private: str = Field(
+        default="",
+        description="Comma-separated hosts or CIDR ranges outbound calls (webhook steps, CRM "
+        "adapters) may reach although private or loopback. Empty: only public addresses.",
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

@@ -27,6 +27,7 @@ How a value is compared (the same rule in both evaluators):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -110,6 +111,12 @@ class EventCondition(_Strict):
         return parse_duration(self.within) if self.within else None
 
 
+class SegmentCondition(_Strict):
+    """The contact is currently a member of the segment with this key."""
+
+    segment: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
 class AllCondition(_Strict):
     all: list[Condition] = Field(min_length=1)
 
@@ -122,7 +129,7 @@ class NotCondition(_Strict):
     not_: Condition = Field(alias="not")
 
 
-_KINDS = ("all", "any", "not", "attr", "prop", "score_gte", "event")
+_KINDS = ("all", "any", "not", "attr", "prop", "score_gte", "event", "segment")
 
 
 def _condition_kind(value: Any) -> str | None:
@@ -142,7 +149,8 @@ Condition = Annotated[
     | Annotated[AttrCondition, Tag("attr")]
     | Annotated[PropCondition, Tag("prop")]
     | Annotated[ScoreCondition, Tag("score_gte")]
-    | Annotated[EventCondition, Tag("event")],
+    | Annotated[EventCondition, Tag("event")]
+    | Annotated[SegmentCondition, Tag("segment")],
     Discriminator(
         _condition_kind,
         custom_error_type="unknown_condition",
@@ -281,6 +289,8 @@ def evaluate(
             return _holds(condition.op, _MISSING if actual is None else actual, condition.value)
         case ScoreCondition():
             return int(contact.get("score") or 0) >= condition.score_gte
+        case SegmentCondition():
+            return condition.segment in (contact.get("segments") or [])
         case EventCondition():
             since = now - condition.window if now is not None and condition.window else None
             count = sum(
@@ -294,4 +304,45 @@ def evaluate(
                 )
             )
             return count >= condition.count_gte
+    raise TypeError(f"not a condition: {condition!r}")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a condition reads: which events, whether the profile, which segments."""
+
+    events: frozenset[str] = frozenset()
+    profile: bool = False  # attributes, contact fields or the score
+    segments: frozenset[str] = frozenset()
+    event_property: bool = False  # ``prop`` outside an event condition: the event at hand
+
+    def __or__(self, other: Inputs) -> Inputs:
+        return Inputs(
+            self.events | other.events,
+            self.profile or other.profile,
+            self.segments | other.segments,
+            self.event_property or other.event_property,
+        )
+
+
+def inputs_of(condition: Condition, *, in_event: bool = False) -> Inputs:
+    """Everything ``condition`` depends on, so a refresh can skip what cannot change."""
+    match condition:
+        case AllCondition() | AnyCondition():
+            parts = condition.all if isinstance(condition, AllCondition) else condition.any
+            result = Inputs()
+            for part in parts:
+                result |= inputs_of(part, in_event=in_event)
+            return result
+        case NotCondition():
+            return inputs_of(condition.not_, in_event=in_event)
+        case AttrCondition() | ScoreCondition():
+            return Inputs(profile=True)
+        case PropCondition():
+            return Inputs(event_property=not in_event)
+        case SegmentCondition():
+            return Inputs(segments=frozenset({condition.segment}))
+        case EventCondition():
+            inner = inputs_of(condition.where, in_event=True) if condition.where else Inputs()
+            return inner | Inputs(events=frozenset({condition.event}))
     raise TypeError(f"not a condition: {condition!r}")

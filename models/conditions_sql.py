@@ -31,13 +31,16 @@ from models.conditions import (
     NotCondition,
     PropCondition,
     ScoreCondition,
+    SegmentCondition,
     json_kind,
     json_number,
 )
-from models.tables import Contact, Event
+from models.tables import Contact, Event, Segment, SegmentMember
 
 _CONTACTS: sa.Table = Contact.__table__  # type: ignore[attr-defined]
 _EVENTS: sa.Table = Event.__table__  # type: ignore[attr-defined]
+_SEGMENTS: sa.Table = Segment.__table__  # type: ignore[attr-defined]
+_MEMBERS: sa.Table = SegmentMember.__table__  # type: ignore[attr-defined]
 _STRING_FIELDS = ("email", "phone", "external_id", "timezone", "lifecycle_stage")
 _ORDER = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
 # The largest LIMIT PostgreSQL takes; no contact has that many events.
@@ -79,6 +82,8 @@ def _compile(condition: Condition, properties: Any, now: datetime) -> Predicate:
             return sa.func.coalesce(_CONTACTS.c.score, 0) >= _number(condition.score_gte)
         case EventCondition():
             return _event(condition, now)
+        case SegmentCondition():
+            return _member_of(condition.segment)
     raise TypeError(f"not a condition: {condition!r}")
 
 
@@ -249,3 +254,18 @@ def _event(condition: EventCondition, now: datetime) -> Predicate:
     enough = found.limit(limit).subquery()
     counted = sa.select(sa.func.count()).select_from(enough).scalar_subquery()
     return counted >= sa.bindparam(None, Decimal(condition.count_gte), type_=sa.Numeric)
+
+
+def _member_of(key: str) -> Predicate:
+    """The contact is a current member of segment ``key`` (as ``segment_members`` says)."""
+    members = _MEMBERS.alias()
+    segments = _SEGMENTS.alias()
+    return sa.exists(
+        sa.select(sa.literal(1))
+        .select_from(members.join(segments, segments.c.id == members.c.segment_id))
+        .where(
+            segments.c.key == sa.bindparam(None, key, type_=sa.Text),
+            members.c.contact_id == _CONTACTS.c.id,
+        )
+        .correlate(_CONTACTS)
+    )

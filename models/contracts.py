@@ -58,6 +58,7 @@ class ContactSnapshot:
     score: int = 0
     tags: list[str] = field(default_factory=list)
     attributes: dict[str, Any] = field(default_factory=dict)
+    segments: list[str] = field(default_factory=list)  # keys of the segments it is in
 
 
 @dataclass

@@ -63,7 +63,10 @@ class Contact(SQLModel, table=True):
     attributes: dict[str, Any] = _jsonb()
     timezone: str | None = Field(default=None, max_length=64)
     lifecycle_stage: str = Field(default="subscriber", max_length=32)
+    # The score is score_adjustment (update_contact deltas, API edits) plus the points of
+    # the scoring rules, recomputed by the audience refresh.
     score: int = 0
+    score_adjustment: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     tags: list[str] = Field(
         default_factory=list,
         sa_type=ARRAY(sa.Text),
@@ -79,6 +82,10 @@ class Contact(SQLModel, table=True):
         sa_type=sa.String(16),
         nullable=False,
     )
+    # The contact's id in the outward CRM (e.g. HubSpot's contact id), once synced.
+    crm_id: str | None = Field(default=None, max_length=100)
+    # An anonymous visitor merged into an identified contact points at it; it is a tombstone.
+    merged_into: uuid.UUID | None = Field(default=None, foreign_key="contacts.id")
     created_at: datetime = _ts(nullable=False, default_now=True)
     updated_at: datetime = _ts(nullable=False, default_now=True)
     erased_at: datetime | None = _ts()
@@ -329,6 +336,11 @@ class CrmTask(SQLModel, table=True):
     status: CrmTaskStatus = Field(default=CrmTaskStatus.open, sa_type=sa.String(16), nullable=False)
     due_at: datetime | None = _ts()
     created_at: datetime = _ts(nullable=False, default_now=True)
+    # Outward sync through the configured CRM adapter (none, webhook, hubspot).
+    external_id: str | None = Field(default=None, max_length=200)
+    synced_at: datetime | None = _ts()
+    sync_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    sync_error: str | None = None
 
 
 class WebhookCall(SQLModel, table=True):
@@ -359,3 +371,39 @@ class AppliedUpdate(SQLModel, table=True):
     idempotency_key: str = Field(max_length=400, primary_key=True)
     contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
     created_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class Segment(SQLModel, table=True):
+    """A named condition over contacts; its members are kept in ``segment_members``."""
+
+    __tablename__ = "segments"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    key: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    description: str | None = None
+    condition: dict[str, Any] = _jsonb()
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+    refreshed_at: datetime | None = _ts()
+
+
+class SegmentMember(SQLModel, table=True):
+    """A contact currently in a segment (entering and leaving are also events)."""
+
+    __tablename__ = "segment_members"
+    __table_args__ = (sa.Index("ix_segment_members_contact", "contact_id"),)
+
+    segment_id: uuid.UUID = Field(foreign_key="segments.id", ondelete="CASCADE", primary_key=True)
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE", primary_key=True)
+    entered_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class ScoringModel(SQLModel, table=True):
+    """The lead-scoring rules and lifecycle thresholds (one document per key; ``default``)."""
+
+    __tablename__ = "scoring_models"
+
+    key: str = Field(max_length=64, primary_key=True)
+    document: dict[str, Any] = _jsonb()
+    updated_at: datetime = _ts(nullable=False, default_now=True)

@@ -5,9 +5,9 @@ import uuid
 from fastapi import APIRouter, HTTPException, Response, status
 from sqlmodel import select
 
-from api.deps import SessionDep, TemporalDep
+from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import ContactPublic, ContactRef, ContactUpsert, ContactUpsertResult
-from api.services import find_contact, notify_contact_changed
+from api.services import dispatch_contact_changes, find_contact
 from models.tables import Contact, utcnow
 
 router = APIRouter(prefix="/contacts", tags=["contacts"])
@@ -15,7 +15,11 @@ router = APIRouter(prefix="/contacts", tags=["contacts"])
 
 @router.post("", response_model=ContactUpsertResult)
 async def upsert_contact(
-    body: ContactUpsert, session: SessionDep, temporal: TemporalDep, response: Response
+    body: ContactUpsert,
+    session: SessionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    response: Response,
 ) -> ContactUpsertResult:
     """Identify a contact by external_id or email: create it, or merge into the stored one."""
     by_external = by_email = None
@@ -49,10 +53,12 @@ async def upsert_contact(
     session.add(contact)
     await session.flush()
     await session.refresh(contact)
-    if not created:
-        # Commit before telling the journeys, so their goals see what is stored.
-        await session.commit()
-        await notify_contact_changed(session, temporal, contact)
+    # Commit before telling the journeys, so their goals see what is stored.
+    await session.commit()
+    await dispatch_contact_changes(
+        session, temporal, settings, [contact.id], profile_changed=not created
+    )
+    await session.refresh(contact)
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return ContactUpsertResult(
         created=created, contact=ContactPublic.model_validate(contact, from_attributes=True)

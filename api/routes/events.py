@@ -8,7 +8,7 @@ from sqlmodel import col, select
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import EventAccepted, EventIn
-from api.services import deliver_event, find_contact, start_triggered
+from api.services import dispatch_event, find_contact
 from models.tables import Event, utcnow
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -46,11 +46,8 @@ async def track_event(
     await session.commit()
     event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()
     delivered = 0
-    if event.delivered_at is None:
-        delivered = await deliver_event(session, temporal, event)
-        await session.commit()
-        started = await start_triggered(session, temporal, settings, event)
-        delivered += len(started)
+    if not duplicate or event.delivered_at is None:
+        delivered = await dispatch_event(session, temporal, settings, event)
     if duplicate:
         response.status_code = status.HTTP_200_OK
     return EventAccepted(

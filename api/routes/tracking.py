@@ -21,6 +21,7 @@ from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.routes.webhooks import _signal_undelivered, _store_event, advance
 from api.tokens import tracking_key, verify, verify_url
 from models.tables import Message, MessageChannel, MessageStatus, utcnow
+from settings import Settings
 
 router = APIRouter(prefix="/t", tags=["tracking"])
 
@@ -39,6 +40,7 @@ def _uuid(value: str | None) -> uuid.UUID | None:
 async def _record(
     session: AsyncSession,
     temporal: Client,
+    settings: Settings,
     message_id: uuid.UUID,
     idempotency_id: str,
     name: str,
@@ -64,7 +66,7 @@ async def _record(
         session.add(message)
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
-    await _signal_undelivered(session, temporal, [idempotency_id])
+    await _signal_undelivered(session, temporal, settings, [idempotency_id])
     return True
 
 
@@ -78,6 +80,7 @@ async def opened(
         await _record(
             session,
             temporal,
+            settings,
             message_id,
             f"open:{message_id}",
             "email_opened",
@@ -102,6 +105,7 @@ async def clicked(
     found = await _record(
         session,
         temporal,
+        settings,
         message_id,
         f"click:{message_id}:{digest}",
         "email_clicked",

@@ -114,5 +114,5 @@ async def unsubscribe(
             session.add(contact)
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
-    await _signal_undelivered(session, temporal, [idempotency_id])
+    await _signal_undelivered(session, temporal, settings, [idempotency_id])
     return _page("Unsubscribed", "<p>You will not receive marketing email from us again.</p>")

@@ -32,7 +32,7 @@ from temporalio.client import Client
 from twilio.request_validator import RequestValidator
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
-from api.services import deliver_event
+from api.services import deliver_event, dispatch_contact_changes, start_triggered
 from models.tables import (
     Contact,
     Event,
@@ -44,6 +44,7 @@ from models.tables import (
     SuppressionReason,
     utcnow,
 )
+from settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +237,10 @@ async def _suppress(
 
 
 async def _signal_undelivered(
-    session: AsyncSession, temporal: Client, idempotency_ids: list[str]
+    session: AsyncSession, temporal: Client, settings: Settings, idempotency_ids: list[str]
 ) -> None:
-    """Signal each event not yet delivered (a provider retry finishes an interrupted run)."""
+    """Signal each event not yet delivered (a provider retry finishes an interrupted run),
+    start the journeys they trigger, then refresh their contacts' scores and segments."""
     if not idempotency_ids:
         return
     events = (
@@ -252,6 +254,13 @@ async def _signal_undelivered(
     for event in events:
         await deliver_event(session, temporal, event)
     await session.commit()
+    for event in events:
+        await start_triggered(session, temporal, settings, event)
+    contact_ids = {e.contact_id for e in events if e.contact_id is not None}
+    if contact_ids:
+        await dispatch_contact_changes(
+            session, temporal, settings, contact_ids, event_names={e.name for e in events}
+        )
 
 
 @router.post("/sendgrid")
@@ -297,7 +306,7 @@ async def sendgrid_events(
             new += 1
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
-    await _signal_undelivered(session, temporal, ids)
+    await _signal_undelivered(session, temporal, settings, ids)
     return {"received": len(payload), "stored": new}
 
 
@@ -410,7 +419,7 @@ async def twilio_status(
         session.add(message)
     await session.commit()
     if name is not None:
-        await _signal_undelivered(session, temporal, [idempotency_id])
+        await _signal_undelivered(session, temporal, settings, [idempotency_id])
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -467,6 +476,6 @@ async def twilio_inbound(
         contact.updated_at = utcnow()
         session.add(contact)
     await session.commit()
-    await _signal_undelivered(session, temporal, [idempotency_id])
+    await _signal_undelivered(session, temporal, settings, [idempotency_id])
     # Twilio replies to the keywords itself (Advanced Opt-Out); we answer with no message.
     return Response(EMPTY_TWIML, media_type="application/xml")

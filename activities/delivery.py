@@ -1,0 +1,221 @@
+"""Getting events and contact changes to the journeys: signals, triggered enrollments, and the
+audience refresh (scores, lifecycle stages, segments) whose derived events go the same way.
+
+Used by the API (events, webhooks, contact changes) and by activities that change contacts,
+so it lives with the I/O code. Every function works on the caller's session; the caller
+commits what it stored before calling ``dispatch_*``, so nothing acts on an uncommitted row.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Collection
+from typing import Any
+
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.audience import contact_snapshot, refresh_audience
+from activities.enrollments import EnrollmentRefused, enroll
+from models.conditions import evaluate
+from models.contracts import ContactChangedSignal, EventSignal, JourneyStatusSignal
+from models.journey import parse_journey
+from models.tables import (
+    Contact,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Journey,
+    JourneyStatus,
+    JourneyVersion,
+    utcnow,
+)
+from settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _signal_active(
+    session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
+) -> int:
+    """Send a signal to every active enrollment matching ``where``; return how many got it."""
+    query = select(Enrollment.workflow_id).where(Enrollment.status == EnrollmentStatus.active)
+    for name, value in where.items():
+        query = query.where(getattr(Enrollment, name) == value)
+    delivered = 0
+    for workflow_id in (await session.exec(query)).all():
+        try:
+            await temporal.get_workflow_handle(workflow_id).signal(signal_name, arg)
+            delivered += 1
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+            log.info("workflow %s already closed; %s not delivered", workflow_id, signal_name)
+    return delivered
+
+
+def event_signal(event: Event) -> EventSignal:
+    return EventSignal(
+        event_id=str(event.id),
+        name=event.name,
+        properties=event.properties,
+        occurred_at=event.occurred_at.isoformat(),
+    )
+
+
+async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -> int:
+    """Signal an event to each running journey of its contact; return how many got it.
+
+    Journeys de-duplicate by event id, so delivering twice is harmless.
+    """
+    if event.contact_id is None:
+        return 0
+    delivered = await _signal_active(
+        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+    )
+    event.delivered_at = utcnow()
+    session.add(event)
+    return delivered
+
+
+async def start_triggered(
+    session: AsyncSession, temporal: Client, settings: Settings, event: Event
+) -> list[str]:
+    """Enroll the event's contact in every journey this event triggers; return their keys.
+
+    Racing events are safe: the enrollment row's unique index and the deterministic
+    workflow id leave exactly one run per (journey, contact, key value).
+    """
+    if event.contact_id is None:
+        return []
+    contact = await session.get(Contact, event.contact_id)
+    journeys = (
+        await session.exec(
+            select(Journey)
+            .where(Journey.trigger_event == event.name)
+            .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
+        )
+    ).all()
+    started = []
+    for journey in journeys:
+        version = (
+            await session.exec(
+                select(JourneyVersion)
+                .where(JourneyVersion.journey_id == journey.id)
+                .where(JourneyVersion.version == journey.current_version)
+            )
+        ).one()
+        trigger = parse_journey(version.document).trigger
+        if trigger is None or contact is None:
+            continue
+        if trigger.where is not None and not evaluate(
+            trigger.where, {}, {"properties": event.properties}
+        ):
+            continue
+        run_key = ""
+        if trigger.key:
+            value = event.properties.get(trigger.key)
+            if value is None or value == "":
+                log.info("event %s lacks key %s for journey %s", event.id, trigger.key, journey.key)
+                continue
+            run_key = str(value)
+        signal = event_signal(event)
+        try:
+            _, created = await enroll(
+                session,
+                temporal,
+                settings,
+                journey,
+                contact,
+                trigger={"event": event.name, "id": signal.event_id, **signal.__dict__},
+                run_key=run_key,
+                trigger_signal=signal,
+            )
+        except EnrollmentRefused:
+            continue
+        if created:
+            started.append(journey.key)
+    return started
+
+
+async def notify_contact_changed(session: AsyncSession, temporal: Client, contact: Contact) -> int:
+    return await _signal_active(
+        session,
+        temporal,
+        "contact_changed",
+        ContactChangedSignal(await contact_snapshot(session, contact)),
+        contact_id=contact.id,
+    )
+
+
+async def notify_journey_status(
+    session: AsyncSession, temporal: Client, journey: Journey, new_status: JourneyStatus
+) -> int:
+    return await _signal_active(
+        session,
+        temporal,
+        "journey_status",
+        JourneyStatusSignal(new_status),
+        journey_id=journey.id,
+    )
+
+
+async def dispatch_event(
+    session: AsyncSession, temporal: Client, settings: Settings, event: Event
+) -> int:
+    """Act on a stored, committed event: signal it to the contact's running journeys, start
+    the journeys it triggers, then refresh the contact's score, stage and segments and
+    dispatch what that derives (``segment_entered``, ``became_mql``...). Commits.
+
+    Returns how many journeys got the event (signalled or started). An event already
+    delivered is not delivered again.
+    """
+    delivered = 0
+    if event.delivered_at is None:
+        delivered = await deliver_event(session, temporal, event)
+        await session.commit()
+        delivered += len(await start_triggered(session, temporal, settings, event))
+    if event.contact_id is not None and event.source != "derived":
+        await dispatch_contact_changes(
+            session, temporal, settings, [event.contact_id], event_names={event.name}
+        )
+    return delivered
+
+
+async def dispatch_contact_changes(
+    session: AsyncSession,
+    temporal: Client,
+    settings: Settings,
+    contact_ids: Collection[uuid.UUID] | None,
+    *,
+    event_names: Collection[str] | None = None,
+    profile_changed: bool = False,
+) -> None:
+    """After contacts changed (``profile_changed``: attributes, tags, score...) or got
+    events (``event_names``): refresh their scores, stages and segments, tell their running
+    journeys (``contact_changed``), and dispatch the derived events. Commits.
+
+    ``contact_ids`` None means every contact (the scheduled refresh, a bulk import).
+    """
+    changes = await refresh_audience(
+        session,
+        now=utcnow(),
+        contact_ids=contact_ids,
+        event_names=event_names,
+        profile_changed=profile_changed,
+    )
+    await session.commit()
+    notify = set(changes.changed_contacts)
+    if profile_changed and contact_ids is not None:
+        notify |= set(contact_ids)
+    for contact_id in notify:
+        contact = await session.get(Contact, contact_id)
+        if contact is not None and contact.erased_at is None:
+            await notify_contact_changed(session, temporal, contact)
+    for event in changes.derived_events:
+        await deliver_event(session, temporal, event)
+        await session.commit()
+        await start_triggered(session, temporal, settings, event)
