@@ -1,4 +1,4 @@
-"""Activities that read contacts."""
+"""Activities that read and change contacts."""
 
 from __future__ import annotations
 
@@ -8,24 +8,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col
 from temporalio import activity
 
+from activities.delivery import dispatch_contact_changes
+from activities.snapshots import contact_snapshot, snapshot
 from models.contracts import ContactSnapshot, LoadContactInput, UpdateContactInput
 from models.db import session_scope
 from models.tables import AppliedUpdate, Contact, utcnow
 from settings import Settings
-
-
-def snapshot(contact: Contact) -> ContactSnapshot:
-    return ContactSnapshot(
-        id=str(contact.id),
-        email=contact.email,
-        phone=contact.phone,
-        external_id=contact.external_id,
-        timezone=contact.timezone,
-        lifecycle_stage=contact.lifecycle_stage,
-        score=contact.score,
-        tags=list(contact.tags),
-        attributes=dict(contact.attributes),
-    )
 
 
 class ContactActivities:
@@ -38,7 +26,7 @@ class ContactActivities:
             contact = await session.get(Contact, uuid.UUID(input.contact_id))
             if contact is None or contact.erased_at is not None:
                 return ContactSnapshot(id=input.contact_id, found=False)
-            return snapshot(contact)
+            return await contact_snapshot(session, contact)
 
 
 async def apply_update(contact: Contact, input: UpdateContactInput) -> None:
@@ -58,6 +46,7 @@ async def apply_update(contact: Contact, input: UpdateContactInput) -> None:
         contact.tags = tags + [t for t in input.add_tags if t not in tags]
     if input.score:
         contact.score += input.score
+        contact.score_adjustment += input.score
     if input.lifecycle_stage:
         contact.lifecycle_stage = input.lifecycle_stage
     contact.updated_at = utcnow()
@@ -65,6 +54,7 @@ async def apply_update(contact: Contact, input: UpdateContactInput) -> None:
 
 class ContactUpdateActivities:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.database_url = settings.database_url
 
     @activity.defn(name="update_contact")
@@ -84,7 +74,17 @@ class ContactUpdateActivities:
                 .on_conflict_do_nothing()
                 .returning(col(AppliedUpdate.idempotency_key))
             )
-            if first_time.first() is not None:
+            changed = first_time.first() is not None
+            if changed:
                 await apply_update(contact, input)
                 session.add(contact)
-            return snapshot(contact)
+                await session.commit()
+                # Scores, stages and segments follow; journeys hear of it (this one too).
+                await dispatch_contact_changes(
+                    session, activity.client(), self.settings, [contact.id], profile_changed=True
+                )
+                await session.refresh(contact)
+            return await contact_snapshot(session, contact)
+
+
+__all__ = ["ContactActivities", "ContactUpdateActivities", "apply_update", "snapshot"]

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Collection
+from collections import defaultdict
+from collections.abc import Collection, Sequence
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.audience import contact_snapshot, refresh_audience
+from activities.audience import AudienceChanges, refresh_audience
 from activities.enrollments import EnrollmentRefused, enroll
+from activities.snapshots import contact_snapshot
 from models.conditions import evaluate
 from models.contracts import ContactChangedSignal, EventSignal, JourneyStatusSignal
 from models.journey import parse_journey
@@ -36,6 +40,7 @@ from models.tables import (
 from settings import Settings
 
 log = logging.getLogger(__name__)
+_CHUNK = 10_000
 
 
 async def _signal_active(
@@ -47,13 +52,8 @@ async def _signal_active(
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
     for workflow_id in (await session.exec(query)).all():
-        try:
-            await temporal.get_workflow_handle(workflow_id).signal(signal_name, arg)
+        if await _signal(temporal, workflow_id, signal_name, arg):
             delivered += 1
-        except RPCError as err:
-            if err.status != RPCStatusCode.NOT_FOUND:
-                raise
-            log.info("workflow %s already closed; %s not delivered", workflow_id, signal_name)
     return delivered
 
 
@@ -109,7 +109,7 @@ async def start_triggered(
             )
         ).one()
         trigger = parse_journey(version.document).trigger
-        if trigger is None or contact is None:
+        if trigger is None or contact is None or not trigger.matches(event.properties):
             continue
         if trigger.where is not None and not evaluate(
             trigger.where, {}, {"properties": event.properties}
@@ -193,7 +193,7 @@ async def dispatch_contact_changes(
     *,
     event_names: Collection[str] | None = None,
     profile_changed: bool = False,
-) -> None:
+) -> AudienceChanges:
     """After contacts changed (``profile_changed``: attributes, tags, score...) or got
     events (``event_names``): refresh their scores, stages and segments, tell their running
     journeys (``contact_changed``), and dispatch the derived events. Commits.
@@ -215,7 +215,70 @@ async def dispatch_contact_changes(
         contact = await session.get(Contact, contact_id)
         if contact is not None and contact.erased_at is None:
             await notify_contact_changed(session, temporal, contact)
-    for event in changes.derived_events:
-        await deliver_event(session, temporal, event)
-        await session.commit()
-        await start_triggered(session, temporal, settings, event)
+    await deliver_events(session, temporal, settings, changes.derived_events)
+    return changes
+
+
+async def deliver_events(
+    session: AsyncSession, temporal: Client, settings: Settings, events: Sequence[Event]
+) -> int:
+    """Deliver many stored, committed events at once (a segment refresh may derive
+    thousands): one query finds the running journeys of all their contacts, only those
+    are signalled, and journeys these events trigger are started. Commits."""
+    if not events:
+        return 0
+    contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
+    running: dict[uuid.UUID, list[str]] = defaultdict(list)
+    for start in range(0, len(contact_ids), _CHUNK):
+        rows = await session.exec(
+            select(Enrollment.contact_id, Enrollment.workflow_id)
+            .where(Enrollment.status == EnrollmentStatus.active)
+            .where(
+                col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
+            )
+        )
+        for contact_id, workflow_id in rows.all():
+            running[contact_id].append(workflow_id)
+    delivered = 0
+    for event in events:
+        for workflow_id in running.get(event.contact_id, []) if event.contact_id else []:
+            if await _signal(temporal, workflow_id, "event", event_signal(event)):
+                delivered += 1
+    now = utcnow()
+    ids = [e.id for e in events]
+    for start in range(0, len(ids), _CHUNK):
+        await (await session.connection()).execute(
+            sa.update(Event)
+            .where(col(Event.id) == sa.any_(_uuids(ids[start : start + _CHUNK])))
+            .values(delivered_at=now)
+        )
+    await session.commit()
+    names = {e.name for e in events}
+    triggered = set(
+        (
+            await session.exec(
+                select(Journey.trigger_event)
+                .where(col(Journey.trigger_event).in_(names))
+                .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
+            )
+        ).all()
+    )
+    for event in events:
+        if event.name in triggered:
+            delivered += len(await start_triggered(session, temporal, settings, event))
+    return delivered
+
+
+def _uuids(values: Sequence[uuid.UUID]) -> Any:
+    return sa.bindparam(None, list(values), type_=ARRAY(sa.Uuid))
+
+
+async def _signal(temporal: Client, workflow_id: str, name: str, arg: Any) -> bool:
+    try:
+        await temporal.get_workflow_handle(workflow_id).signal(name, arg)
+        return True
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        log.info("workflow %s already closed; %s not delivered", workflow_id, name)
+        return False

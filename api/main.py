@@ -14,7 +14,11 @@ from api.routes import (
     contacts,
     enrollments,
     events,
+    forms,
     journeys,
+    scoring,
+    segment_spec,
+    segments,
     templates,
     tracking,
     unsubscribe,
@@ -47,11 +51,15 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.temporal = temporal
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    for module in (contacts, events, journeys, enrollments, templates):
+    for module in (contacts, events, journeys, enrollments, templates, segments, scoring):
         v1.include_router(module.router)
+    # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
+    v1.include_router(segment_spec.router)
     app.include_router(v1)
     # Provider webhooks are authenticated by the providers' signatures, not the API key.
     app.include_router(webhooks.router)
+    # Websites post form fills directly, with no key to hide.
+    app.include_router(forms.router)
     # Unsubscribe links in mail are authenticated by their signed token, not the API key.
     app.include_router(unsubscribe.router)
     app.include_router(tracking.router)

@@ -8,6 +8,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from activities.delivery import (
     deliver_event,
+    deliver_events,
     dispatch_contact_changes,
     dispatch_event,
     notify_contact_changed,
@@ -19,6 +20,7 @@ from models.tables import Contact, Journey
 
 __all__ = [
     "deliver_event",
+    "deliver_events",
     "dispatch_contact_changes",
     "dispatch_event",
     "find_contact",

@@ -63,6 +63,12 @@ def compile_condition(condition: Condition, *, now: datetime) -> Predicate:
     return _compile(condition, None, now)
 
 
+def compile_on_event(condition: Condition, properties: Any, *, now: datetime) -> Predicate:
+    """Like :func:`compile_condition`, with ``properties`` (an events row's JSONB column)
+    as the event at hand, as in an event condition's ``where``."""
+    return _compile(condition, properties, now)
+
+
 def _compile(condition: Condition, properties: Any, now: datetime) -> Predicate:
     """``properties`` is the JSONB column of the event at hand, or None outside one."""
     match condition:

@@ -252,3 +252,19 @@ class FinishEnrollmentInput:
     status: str
     exit_reason: str | None = None
     goal: str | None = None
+
+
+@dataclass
+class RefreshAudienceInput:
+    """Refresh every contact's score, stage and segments (the scheduled refresh)."""
+
+    reason: str = "schedule"
+
+
+@dataclass
+class RefreshAudienceResult:
+    scores_changed: int = 0
+    stages_advanced: int = 0
+    segments_entered: int = 0
+    segments_exited: int = 0
+    events_delivered: int = 0

@@ -349,21 +349,38 @@ STEP_TYPES = (
 INSTANT_STEPS = ("branch", "split", "update_contact", "crm", "webhook", "enroll", "goto", "exit")
 
 
+SEGMENT_ENTERED = "segment_entered"
+SEGMENT_EXITED = "segment_exited"
+
+
 class Trigger(_Doc):
-    """How contacts enter besides the API: on an event (with ``where``), one run per ``key``."""
+    """How contacts enter besides the API: on an event (with ``where``), one run per ``key``;
+    or on entering a segment (the ``segment_entered`` event of that segment)."""
 
     event: str | None = Field(default=None, min_length=1, max_length=200)
     where: Condition | None = None
     key: str | None = Field(default=None, min_length=1, max_length=200)
-    segment: str | None = None
+    segment: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
 
     @model_validator(mode="after")
     def _shape(self) -> Trigger:
         if self.segment is not None:
-            raise ValueError("segment triggers need segments, which Nurture does not have yet")
+            if self.event is not None or self.key is not None:
+                raise ValueError("a segment trigger takes no event or key")
+            return self
         if self.event is None:
-            raise ValueError("a trigger needs an event")
+            raise ValueError("a trigger needs an event or a segment")
         return self
+
+    @property
+    def event_name(self) -> str:
+        """The event that starts a run: the named one, or entering the segment."""
+        return self.event if self.event is not None else SEGMENT_ENTERED
+
+    def matches(self, properties: dict[str, object]) -> bool:
+        """Whether an event named ``event_name`` with these properties is for this trigger
+        (``where`` aside)."""
+        return self.segment is None or properties.get("segment") == self.segment
 
 
 class ReentryAfter(_Doc):
@@ -393,7 +410,12 @@ class JourneyDocument(_Doc):
     @model_validator(mode="after")
     def _steps_link_up(self) -> JourneyDocument:
         if self.enroll_on_publish:
-            raise ValueError("enroll_on_publish needs a segment trigger, which needs segments")
+            if self.trigger is None or self.trigger.segment is None:
+                raise ValueError("enroll_on_publish needs a segment trigger")
+            raise ValueError(
+                "enroll_on_publish is not supported yet: enroll the segment's members through "
+                "the API; new members enter through the segment trigger"
+            )
         seen: set[str] = set()
         for step in self.steps:
             if step.id in seen:
@@ -433,6 +455,23 @@ class JourneyDocument(_Doc):
 
     def journeys(self) -> set[str]:
         return {s.journey for s in self.steps if isinstance(s, EnrollStep)}
+
+    def segments(self) -> set[str]:
+        """Segment keys the journey names: its trigger and every ``{segment}`` condition."""
+        found: set[str] = set()
+
+        def walk(value: Any) -> None:
+            if isinstance(value, dict):
+                if isinstance(value.get("segment"), str):
+                    found.add(value["segment"])
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, list):
+                for item in value:
+                    walk(item)
+
+        walk(self.model_dump(by_alias=True, exclude_none=True))
+        return found
 
 
 def _only_props(label: str, condition: Any) -> None:

@@ -455,13 +455,21 @@ async def test_every_step_type_refuses_bad_definitions(
 @pytest.mark.parametrize(
     ("top", "expected"),
     [
-        ({"trigger": {"where": {"prop": "a", "value": 1}}}, "a trigger needs an event"),
-        ({"trigger": {"segment": "trial-users"}}, "segment triggers need segments"),
+        (
+            {"trigger": {"where": {"prop": "a", "value": 1}}},
+            "a trigger needs an event or a segment",
+        ),
+        ({"trigger": {"segment": "trial", "event": "x"}}, "a segment trigger takes no event"),
+        ({"trigger": {"segment": "Trial Users"}}, "should match pattern"),
         (
             {"trigger": {"event": "x", "where": {"attr": "a", "value": 1}}},
             "trigger: where may only",
         ),
         ({"enroll_on_publish": True}, "enroll_on_publish needs a segment trigger"),
+        (
+            {"enroll_on_publish": True, "trigger": {"segment": "trial"}},
+            "enroll_on_publish is not supported yet",
+        ),
         ({"reentry": "sometimes"}, "reentry"),
         ({"reentry": {"after": "soon"}}, "invalid duration"),
         ({"exit_when": {"event": "x", "within": "forever"}}, "invalid duration"),

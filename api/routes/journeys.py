@@ -28,7 +28,7 @@ from models.journey import (
     SmsStep,
     parse_journey,
 )
-from models.tables import Journey, JourneyStatus, JourneyVersion, Template, utcnow
+from models.tables import Journey, JourneyStatus, JourneyVersion, Segment, Template, utcnow
 
 router = APIRouter(prefix="/journeys", tags=["journeys"])
 
@@ -164,7 +164,7 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
         journey_id=journey.id, version=(latest or 0) + 1, document=journey.draft
     )
     journey.current_version = version.version
-    journey.trigger_event = document.trigger.event if document.trigger else None
+    journey.trigger_event = document.trigger.event_name if document.trigger else None
     if journey.status == JourneyStatus.draft:
         journey.status = JourneyStatus.active
     journey.updated_at = utcnow()
@@ -235,7 +235,7 @@ async def _check_templates(session: SessionDep, document: JourneyDocument) -> No
             await session.exec(select(Journey.key).where(col(Journey.key).in_(document.journeys())))
         ).all()
     )
-    problems = []
+    problems: list[dict[str, Any]] = []
     for step in document.steps:
         if isinstance(step, EmailStep | SmsStep):
             if step.template not in channels:
@@ -261,6 +261,12 @@ async def _check_templates(session: SessionDep, document: JourneyDocument) -> No
                     "message": f"step {step.id!r} journey: no journey with key {step.journey!r}",
                 }
             )
+    named = document.segments()
+    known = set((await session.exec(select(Segment.key).where(col(Segment.key).in_(named)))).all())
+    problems.extend(
+        {"step": None, "field": "segment", "message": f"no segment with key {key!r}"}
+        for key in sorted(named - known)
+    )
     if problems:
         raise invalid(problems)
 
