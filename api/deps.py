@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -46,19 +48,38 @@ _bearer = HTTPBearer(auto_error=False)
 _header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
+def _basic_username(request: Request) -> str | None:
+    """The username of ``Authorization: Basic``: Segment sends its write key there, with an
+    empty password. Read by hand because FastAPI's HTTPBasic answers 401 itself when the
+    header holds a Bearer token."""
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, _, _password = decoded.partition(":")
+    return username or None
+
+
 def require_api_key(
+    request: Request,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> None:
-    given = bearer.credentials if bearer else header
+    given = bearer.credentials if bearer else header or _basic_username(request)
     if not given:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            "missing API key: send 'Authorization: Bearer <key>', 'X-API-Key: <key>' "
+            "or HTTP Basic auth with the key as username",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not settings.api_key or not secrets.compare_digest(given, settings.api_key):
+    if not settings.api_key or not secrets.compare_digest(
+        given.encode(), settings.api_key.encode()
+    ):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
         )

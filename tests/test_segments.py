@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from settings import Settings
 from tests.helpers import contact, enroll, unique, wait_for_step
 from tests.test_journey_language import enrollments_of, journey
 from tests.test_journey_workflow import result_of
+from workflows.audience_refresh import SCHEDULE_ID, ensure_audience_schedule
 
 
 async def put_segment(
@@ -288,3 +290,35 @@ async def test_segment_members_of_concurrent_refreshes_enter_once(
             )
         ).one()
     assert rows >= 1
+
+
+async def test_scheduled_refresh_catches_time_based_segments(
+    dev_env: WorkflowEnvironment, dev_api: httpx.AsyncClient, dev_worker: Worker, settings: Settings
+) -> None:
+    seen = unique("seen")
+    key = unique("quiet")
+    person = await contact(dev_api)
+    await track(dev_api, person["id"], seen)
+    # "No activity in the last 2 seconds": true later without anything happening.
+    await put_segment(
+        dev_api, key, {"all": [{"attr": "email", "value": person["email"]},
+                               {"not": {"event": seen, "within": "2s"}}]}
+    )  # fmt: skip
+    assert await members(dev_api, key) == set()
+    await ensure_audience_schedule(dev_env.client, settings)
+    schedule = dev_env.client.get_schedule_handle(SCHEDULE_ID)
+    try:
+        hourly = settings.model_copy(update={"audience_refresh_every": "1h"})
+        await ensure_audience_schedule(dev_env.client, hourly)
+        described = await schedule.describe()
+        assert [i.every for i in described.schedule.spec.intervals] == [timedelta(hours=1)]
+        await asyncio.sleep(2.5)
+        assert await members(dev_api, key) == set()
+        await schedule.trigger()
+        deadline = asyncio.get_running_loop().time() + 30
+        while await members(dev_api, key) != {person["id"]}:
+            assert asyncio.get_running_loop().time() < deadline, "the refresh never ran"
+            await asyncio.sleep(0.2)
+        assert await segment_events(settings, person["id"]) == [("segment_entered", key)]
+    finally:
+        await schedule.delete()
