@@ -19,21 +19,28 @@ from activities.contacts import ContactActivities, ContactUpdateActivities
 from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
 from activities.messaging import MessagingActivities
+from activities.refresh import AudienceActivities
 from activities.webhooks import WebhookActivities
 from settings import Settings, get_settings
+from workflows.audience_refresh import AudienceRefreshWorkflow, ensure_audience_schedule
+from workflows.crm_sync import CrmSyncWorkflow
 from workflows.journey import JourneyWorkflow
 
-WORKFLOWS = [JourneyWorkflow]
+WORKFLOWS = [JourneyWorkflow, CrmSyncWorkflow, AudienceRefreshWorkflow]
 
 
-def build_activities(settings: Settings) -> list[Callable[..., Any]]:
-    """Every activity the journeys call, bound to these settings."""
+def build_activities(settings: Settings, client: Client | None = None) -> list[Callable[..., Any]]:
+    """Every activity the journeys call, bound to these settings.
+
+    ``client`` lets activities start workflows (the CRM sync of a new task).
+    """
     contacts = ContactActivities(settings.database_url)
     updates = ContactUpdateActivities(settings)
     messaging = MessagingActivities(settings)
     enrollments = EnrollmentActivities(settings)
-    crm = CrmActivities(settings)
+    crm = CrmActivities(settings, client)
     webhooks = WebhookActivities(settings)
+    audience = AudienceActivities(settings)
     return [
         contacts.load_contact,
         updates.update_contact,
@@ -43,7 +50,9 @@ def build_activities(settings: Settings) -> list[Callable[..., Any]]:
         enrollments.record_variant,
         enrollments.enroll_contact,
         crm.record_crm_action,
+        crm.sync_crm_task,
         webhooks.call_webhook,
+        audience.refresh_audience,
     ]
 
 
@@ -52,7 +61,7 @@ def build_worker(client: Client, settings: Settings, task_queue: str | None = No
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
-        activities=build_activities(settings),
+        activities=build_activities(settings, client),
         graceful_shutdown_timeout=timedelta(seconds=10),
     )
 
@@ -61,6 +70,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     settings = get_settings()
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    await ensure_audience_schedule(client, settings)
     worker = build_worker(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

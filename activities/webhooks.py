@@ -4,6 +4,8 @@ The body is signed with HMAC-SHA256 over ``<timestamp>.<body>`` (header
 ``X-Nurture-Signature: t=<unix seconds>,v1=<hex>``) and carries
 ``X-Nurture-Idempotency-Key`` so the receiver can drop a retried delivery.
 2xx completes; 408, 429, 5xx and network errors are retried; other 4xx are permanent.
+The URL goes through the SSRF guard in ``activities.outbound``: a private or loopback
+target is refused (non-retryable ``OutboundRefused``) and redirects are not followed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sqlmodel import select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import outbound
 from activities.contacts import snapshot
 from activities.rendering import render_context, render_text
 from models.contracts import WebhookInput, WebhookResult
@@ -103,10 +106,13 @@ class WebhookActivities:
                 self.settings.webhook_secret, int(time.time()), content
             )
         try:
-            async with httpx.AsyncClient(timeout=10, follow_redirects=False) as client:
-                response = await client.request(
-                    input.method, input.url, content=content or None, headers=headers
-                )
+            response = await outbound.request(
+                input.method,
+                input.url,
+                allow_private=self.settings.outbound_allow_private,
+                content=content or None,
+                headers=headers,
+            )
         except httpx.HTTPError as err:
             raise RuntimeError(f"webhook {input.url} unreachable: {err}") from None
         status = response.status_code

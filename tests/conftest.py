@@ -72,6 +72,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         data_dir=tmp_path,
         api_key="test-api-key",
         task_queue=f"tq-{uuid.uuid4().hex[:8]}",
+        outbound_allow_private="127.0.0.1,::1",
     )
 
 
