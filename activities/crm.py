@@ -27,6 +27,7 @@ from activities.crm_adapters import (
     CrmTaskData,
     build_adapter,
 )
+from activities.delivery import dispatch_contact_changes
 from models.contracts import CrmInput, UpdateContactInput
 from models.db import session_scope
 from models.tables import Contact, CrmTask, utcnow
@@ -142,6 +143,12 @@ class CrmActivities:
                         ),
                     )
                     session.add(contact)
+                    await session.commit()
+                    # Scores, stages and segments follow the update; journeys hear of it.
+                    await dispatch_contact_changes(
+                        session, activity.client(), self.settings, [contact.id],
+                        profile_changed=True,
+                    )  # fmt: skip
             else:
                 recorded = str(
                     (

@@ -51,6 +51,7 @@ from models.tables import (
     SubscriptionStatus,
     Suppression,
     Template,
+    hashed_address,
     utcnow,
 )
 from settings import Settings
@@ -378,7 +379,9 @@ async def _skip_reason(
         await session.exec(
             select(Suppression)
             .where(col(Suppression.channel) == channel)
-            .where(col(Suppression.address) == address)
+            # An erased contact's address is kept only hashed (api.erasure), and must still
+            # hold when the address comes back.
+            .where(col(Suppression.address).in_([address, hashed_address(address)]))
         )
     ).first()
     if suppression is not None:

@@ -247,3 +247,68 @@ class MoveIn(_Body):
 class EnrollResult(BaseModel):
     created: bool
     enrollment: EnrollmentPublic
+
+
+class ContactUpdate(_Body):
+    """A partial update: only the fields given change. ``null`` clears email, external_id,
+    phone or timezone; in ``attributes`` it deletes a key."""
+
+    email: str | None = None
+    external_id: str | None = Field(default=None, min_length=1, max_length=200)
+    phone: str | None = None
+    timezone: str | None = None
+    lifecycle_stage: str | None = Field(default=None, min_length=1, max_length=32)
+    tags: list[str] | None = None
+    attributes: dict[str, Any] | None = Field(
+        default=None, description="Merged into the stored attributes; null deletes a key."
+    )
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        return normalise_email(value) if value is not None else None
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        return normalise_phone(value) if value is not None else None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None and value not in KNOWN_TIMEZONES:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
+        return value
+
+    @model_validator(mode="after")
+    def _not_null(self) -> ContactUpdate:
+        for name in ("lifecycle_stage", "tags", "attributes"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
+
+
+class ContactPage(BaseModel):
+    contacts: list[ContactPublic]
+    next: str | None = Field(description="Cursor of the next page (pass as `after`); null: last.")
+
+
+class ImportRowError(BaseModel):
+    row: int = Field(description="1-based data row (CSV: not counting the header).")
+    error: str
+
+
+class ImportResult(BaseModel):
+    received: int
+    created: int
+    updated: int
+    rejected: int
+    errors: list[ImportRowError] = Field(description="The first 1000 rejected rows, in order.")
+
+
+class ErasureResult(BaseModel):
+    erased: bool
+    journeys_ended: int
+    events_anonymised: int
+    messages_scrubbed: int
+    outbox_files_removed: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -292,6 +293,11 @@ class SuppressionReason(StrEnum):
     complained = "complained"
     sms_opt_out = "sms_opt_out"
     manual = "manual"
+
+
+def hashed_address(address: str) -> str:
+    """How an erased contact's suppressed address is kept: it still matches, but is not PII."""
+    return "sha256:" + hashlib.sha256(address.strip().lower().encode()).hexdigest()
 
 
 class Suppression(SQLModel, table=True):
