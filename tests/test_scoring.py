@@ -156,6 +156,11 @@ async def test_score_threshold_crossing_starts_the_sales_handoff_journey(
         "/v1/scoring", json={"rules": [{"name": "x", "points": 1}], "thresholds": {}}
     )
     assert bad.status_code == 422 and "give either event or if" in bad.text
+    for raw in (b'{"rules": [{"name": "x", "event": "e", "points": NaN}]}', b"{nope"):
+        refused = await time_api.put(
+            "/v1/scoring", content=raw, headers={"content-type": "application/json"}
+        )
+        assert refused.status_code == 422, refused.text
     applied = await time_api.put(
         "/v1/scoring",
         json={

@@ -183,6 +183,12 @@ async def test_segment_definitions_refuse_bad_input(
         response = await time_api.put(f"/v1/segments/{key}", json=body)
         assert response.status_code == code, (body, response.text)
         assert expected in response.text, (body, response.text)
+    not_json = await time_api.put(
+        "/v1/segments/ok-key",
+        content=b'{"name": "x", "condition": {"attr": "a", "value": NaN}}',
+        headers={"content-type": "application/json"},
+    )
+    assert not_json.status_code == 422 and "NaN and Infinity" in not_json.text
     assert await count() == before
     assert (await time_api.get("/v1/segments/no-such")).status_code == 404
     assert (await time_api.get("/v1/segments/no-such/members")).status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -57,8 +58,22 @@ async def put_scoring(
     """Replace the scoring rules and thresholds, and rescore every contact at once.
 
     Contacts whose new score reaches a later stage move to it (``became_<stage>``)."""
+    body = await request.body()
     try:
-        document = ScoringModelDocument.model_validate_json(await request.body())
+        parsed = json.loads(body)
+    except ValueError as err:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"the scoring model is not JSON: {err}"
+        ) from None
+    try:
+        json.dumps(parsed, allow_nan=False)
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "the scoring model must be JSON with finite numbers (no NaN or Infinity)",
+        ) from None
+    try:
+        document = ScoringModelDocument.model_validate_json(body)
     except ValidationError as err:
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
@@ -76,6 +77,13 @@ class PreviewResult(BaseModel):
 
 def _condition(raw: dict[str, Any]) -> Condition:
     """Validate a condition; a 422 names the path of each problem."""
+    try:
+        json.dumps(raw, allow_nan=False)
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "condition: NaN and Infinity are not JSON numbers; use finite numbers",
+        ) from None
     try:
         return CONDITION.validate_python(raw)
     except ValidationError as err:
