@@ -18,9 +18,11 @@ import yaml
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.audience import CONDITION, dependency_order
 from activities.rendering import check_template, render_context, render_email, render_text
 from api.schemas import TemplateIn
 from models.journey import EmailStep, SplitStep, parse_journey
+from models.scoring import ScoringModelDocument
 from settings import Settings
 from tests.helpers import EXAMPLES, contact, enroll, publish, wait_for_step
 from tests.test_journey_workflow import messages_of, result_of
@@ -36,7 +38,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
 TRIAL_NURTURE_TEMPLATES = {"trial-offer", "exec-track", "practitioner-track"}
 EXPECTED_JOURNEYS = {
     "abandoned-cart", "birthday", "customer-education", "event-invitation", "re-engagement",
-    "trial-nurture", "welcome-series",
+    "trial-nurture", "welcome-series", "sales-handoff",
 }  # fmt: skip
 
 FULL_TRIGGER: dict[str, Any] = {
@@ -122,6 +124,21 @@ def test_journey_validates_and_names_templates_that_exist(path: Path) -> None:
     for target in document.journeys():
         # load_examples publishes in file-name order: an enroll target must come first.
         assert target in {p.stem for p in JOURNEY_FILES} and target < path.stem
+
+
+def test_example_segments_and_scoring_validate() -> None:
+    segments = {p.stem: load(p) for p in sorted((EXAMPLES / "segments").glob("*.yaml"))}
+    assert {"customers", "hot-leads", "pricing-visitors"} <= set(segments)
+    conditions = {k: CONDITION.validate_python(body["condition"]) for k, body in segments.items()}
+        key: CONDITION.validate_python(body["condition"]) for key, body in segments.items()
+    }
+    order = dependency_order(conditions)
+    assert order.index("pricing-visitors") < order.index("hot-leads")
+    scoring = ScoringModelDocument.model_validate(load(EXAMPLES / "scoring.yaml"))
+    assert scoring.stage_for(50) == "mql"
+    # The hand-off journey listens for the event the thresholds produce.
+    handoff = parse_journey(load(EXAMPLES / "journeys" / "sales-handoff.yaml"))
+    assert handoff.trigger is not None and handoff.trigger.event == "became_mql"
 
 
 def test_every_template_is_used_by_a_journey() -> None:

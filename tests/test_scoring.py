@@ -182,6 +182,10 @@ async def test_score_threshold_crossing_starts_the_sales_handoff_journey(
     await result_of(time_env, run.workflow_id)
     async with session_scope(settings.database_url) as session:
         [task] = (
-            await session.exec(select(CrmTask).where(CrmTask.contact_id == run.contact_id))
+            await session.exec(
+                select(CrmTask)
+                .where(CrmTask.contact_id == run.contact_id)
+                .where(CrmTask.journey_key == handoff)
+            )
         ).all()
     assert task.note == "Call this MQL" and task.journey_key == handoff
