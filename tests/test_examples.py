@@ -130,8 +130,6 @@ def test_example_segments_and_scoring_validate() -> None:
     segments = {p.stem: load(p) for p in sorted((EXAMPLES / "segments").glob("*.yaml"))}
     assert {"customers", "hot-leads", "pricing-visitors"} <= set(segments)
     conditions = {k: CONDITION.validate_python(body["condition"]) for k, body in segments.items()}
-        key: CONDITION.validate_python(body["condition"]) for key, body in segments.items()
-    }
     order = dependency_order(conditions)
     assert order.index("pricing-visitors") < order.index("hot-leads")
     scoring = ScoringModelDocument.model_validate(load(EXAMPLES / "scoring.yaml"))
