@@ -228,6 +228,13 @@ async def test_malformed_journey_bodies_are_refused(
     assert not_yaml.status_code == 400 and "not valid application/yaml" in not_yaml.text
     assert a_list.status_code == 422 and "must be an object" in a_list.text
     assert xml.status_code == 415
+    nan = (
+        b'{"key": "nan", "name": "n", "steps": [{"id": "b", "type": "branch", '
+        b'"cases": [{"if": {"attr": "a", "value": NaN}, "goto": "b"}], "else": "b"}]}'
+    )
+    for body, kind in ((nan, "application/json"), (b"key: x\nn: .nan\n", "application/yaml")):
+        refused = await time_api.post("/v1/journeys", content=body, headers={"Content-Type": kind})
+        assert refused.status_code == 400 and "NaN and Infinity" in refused.text, refused.text
     assert await count(settings, Journey) == before
 
 

@@ -72,6 +72,13 @@ async def read_document(request: Request) -> tuple[dict[str, Any], JourneyDocume
             status.HTTP_400_BAD_REQUEST, f"the body is not valid {content_type}: {err}"
         ) from None
     try:
+        json.dumps(raw, allow_nan=False)
+    except ValueError:
+        # PostgreSQL's JSONB refuses them, and they compare with nothing anyway.
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, "NaN and Infinity are not JSON numbers; use finite numbers"
+        ) from None
+    try:
         document = parse_journey(raw)
     except JourneyValidationError as err:
         raise invalid(err.problems) from None
