@@ -1,6 +1,8 @@
-"""The Nurture worker: runs journey workflows and their activities on one task queue.
+"""The Nurture worker: runs journey workflows and their activities on one task queue, and
+the inbox drain that delivers events the API stored while Temporal was unreachable.
 
-Start as many as you like, on as many hosts as you like; they share the task queue.
+Start as many as you like, on as many hosts as you like; they share the task queue, and
+their drains never claim the same event.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from temporalio.worker import Worker
 from activities.contacts import ContactActivities, ContactUpdateActivities
 from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
+from activities.inbox import InboxDrain
 from activities.messaging import MessagingActivities
 from activities.refresh import AudienceActivities
 from activities.webhooks import WebhookActivities
@@ -79,7 +82,7 @@ async def main() -> None:
     logging.info(
         "worker polling task queue %s on %s", settings.task_queue, settings.temporal_address
     )
-    async with worker:
+    async with worker, InboxDrain(settings, client):
         await stop.wait()
     logging.info("worker stopped")
 

@@ -1,18 +1,23 @@
 """Getting events and contact changes to the journeys: signals, triggered enrollments, and the
 audience refresh (scores, lifecycle stages, segments) whose derived events go the same way.
 
-Used by the API (events, webhooks, contact changes) and by activities that change contacts,
-so it lives with the I/O code. Every function works on the caller's session; the caller
-commits what it stored before calling ``dispatch_*``, so nothing acts on an uncommitted row.
+Used by the API (events, webhooks, contact changes), by activities that change contacts and
+by the inbox drain (activities/inbox.py), so it lives with the I/O code. Every function works
+on the caller's session; the caller commits what it stored before calling ``dispatch_*``, so
+nothing acts on an uncommitted row. An event's ``delivered_at`` is set only once every running
+journey of its contact got it and the journeys it triggers are started; until then the drain
+retries it, so ``or_defer`` lets the API acknowledge a stored event while Temporal is down.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+import weakref
 from collections import defaultdict
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -41,6 +46,64 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 _CHUNK = 10_000
+T = TypeVar("T")
+# Statuses that say Temporal (or the way to it) is failing, not that the request was wrong.
+TRANSIENT_STATUSES = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.INTERNAL,
+        RPCStatusCode.UNKNOWN,
+    }
+)
+# After a failure, requests skip Temporal this long: an unreachable server costs each call
+# about 10 s of client retries, which webhook senders would count as a timeout.
+OUTAGE_PAUSE_SECONDS = 5.0
+_paused_until: weakref.WeakKeyDictionary[Client, float] = weakref.WeakKeyDictionary()
+
+
+def temporal_unavailable(err: BaseException) -> bool:
+    """Whether ``err`` means Temporal could not be reached (worth retrying later)."""
+    if isinstance(err, RPCError):
+        return err.status in TRANSIENT_STATUSES
+    if isinstance(err, RuntimeError):
+        # A lazily connected client's first call raises this when the server is down.
+        return str(err).startswith("Failed client connect")
+    return isinstance(err, OSError | TimeoutError)
+
+
+async def or_defer(
+    session: AsyncSession,
+    temporal: Client,
+    work: Callable[[], Awaitable[T]],
+    what: str,
+) -> T | None:
+    """Run ``work`` (signalling and starting journeys about rows already committed); if
+    Temporal fails, log it and return None: the events stay undelivered for the drain.
+
+    Temporal errors of any kind are deferred, since the caller's rows are committed and
+    must be acknowledged; other errors propagate. After a failure, calls for the next
+    ``OUTAGE_PAUSE_SECONDS`` skip Temporal at once. The session is rolled back on failure,
+    which expires its objects: read what the response needs before calling this.
+    """
+    if time.monotonic() < _paused_until.get(temporal, 0.0):
+        log.info("Temporal recently unreachable; %s left for the inbox drain", what)
+        return None
+    try:
+        return await work()
+    except Exception as err:
+        if not isinstance(err, RPCError) and not temporal_unavailable(err):
+            raise
+        await session.rollback()
+        if temporal_unavailable(err):
+            _paused_until[temporal] = time.monotonic() + OUTAGE_PAUSE_SECONDS
+            log.warning("Temporal unreachable (%s); %s left for the inbox drain", err, what)
+        else:
+            log.error("Temporal refused %s (%s); left for the inbox drain", what, err)
+        return None
 
 
 async def _signal_active(
@@ -163,26 +226,69 @@ async def notify_journey_status(
     )
 
 
+async def signal_and_start(
+    session: AsyncSession, temporal: Client, settings: Settings, event: Event
+) -> int:
+    """Signal an event to its contact's running journeys and start the journeys it
+    triggers; return how many got it. Does not mark it delivered (the caller does, after).
+
+    Both halves are safe to repeat: journeys de-duplicate by event id, and a triggered
+    enrollment is one run per (journey, contact, key value).
+    """
+    if event.contact_id is None:
+        return 0
+    delivered = await _signal_active(
+        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+    )
+    return delivered + len(await start_triggered(session, temporal, settings, event))
+
+
+async def refresh_after_event(
+    session: AsyncSession, temporal: Client, settings: Settings, event: Event
+) -> None:
+    """Refresh the event's contact (score, stage, segments) and dispatch what that derives
+    (``segment_entered``, ``became_mql``...). Derived events change nothing further."""
+    if event.contact_id is not None and event.source != "derived":
+        await dispatch_contact_changes(
+            session, temporal, settings, [event.contact_id], event_names={event.name}
+        )
+
+
 async def dispatch_event(
     session: AsyncSession, temporal: Client, settings: Settings, event: Event
 ) -> int:
     """Act on a stored, committed event: signal it to the contact's running journeys, start
-    the journeys it triggers, then refresh the contact's score, stage and segments and
-    dispatch what that derives (``segment_entered``, ``became_mql``...). Commits.
+    the journeys it triggers, mark it delivered, then refresh the contact's score, stage and
+    segments and dispatch what that derives. Commits.
 
     Returns how many journeys got the event (signalled or started). An event already
     delivered is not delivered again.
     """
     delivered = 0
     if event.delivered_at is None:
-        delivered = await deliver_event(session, temporal, event)
+        delivered = await signal_and_start(session, temporal, settings, event)
+        event.delivered_at = utcnow()
+        session.add(event)
         await session.commit()
-        delivered += len(await start_triggered(session, temporal, settings, event))
-    if event.contact_id is not None and event.source != "derived":
-        await dispatch_contact_changes(
-            session, temporal, settings, [event.contact_id], event_names={event.name}
-        )
+    await refresh_after_event(session, temporal, settings, event)
     return delivered
+
+
+async def dispatch_undelivered(
+    session: AsyncSession, temporal: Client, settings: Settings, events: Sequence[Event]
+) -> None:
+    """Dispatch stored events in order, each marked delivered as it goes, then refresh
+    their contacts once (a provider batch touches many events of few contacts). Commits."""
+    for event in events:
+        await signal_and_start(session, temporal, settings, event)
+        event.delivered_at = utcnow()
+        session.add(event)
+        await session.commit()
+    contact_ids = {e.contact_id for e in events if e.contact_id is not None}
+    if contact_ids:
+        await dispatch_contact_changes(
+            session, temporal, settings, contact_ids, event_names={e.name for e in events}
+        )
 
 
 async def dispatch_contact_changes(

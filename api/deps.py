@@ -35,10 +35,19 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def get_temporal(request: Request) -> Client:
+async def connect_temporal(settings: Settings) -> Client:
+    """A client that connects on first use, and again on each use until that succeeds: the
+    API starts, and stores events, while Temporal is down (``or_defer`` and the 503 handler
+    in api/main.py deal with the calls that fail meanwhile)."""
+    return await Client.connect(
+        settings.temporal_address, namespace=settings.temporal_namespace, lazy=True
+    )
+
+
+async def get_temporal(request: Request) -> Client:
     client: Client | None = request.app.state.temporal
     if client is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Temporal is not connected")
+        client = request.app.state.temporal = await connect_temporal(request.app.state.settings)
     return client
 
 

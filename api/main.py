@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI
+import psycopg
+import sqlalchemy.exc
+from fastapi import APIRouter, Depends, FastAPI, Request, status
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from temporalio.client import Client
+from temporalio.service import RPCError
 
-from api.deps import SessionDep, require_api_key
+from activities.delivery import temporal_unavailable
+from api.deps import SessionDep, connect_temporal, require_api_key
 from api.routes import (
     contacts,
     enrollments,
@@ -26,9 +32,44 @@ from api.routes import (
 )
 from settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 5
+# What a lost or refused database connection raises: a retry later may well succeed.
+DATABASE_DOWN = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    psycopg.OperationalError,
+    ConnectionRefusedError,
+)
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail},
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _database_down(request: Request, err: Exception) -> JSONResponse:
+    # A 503 makes webhook providers and SDKs retry; a 500 may make them give up.
+    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, err)
+    return _unavailable("database unavailable, retry later")
+
+
+async def _temporal_down(request: Request, err: Exception) -> JSONResponse:
+    """Routes that need Temporal to answer (enrollments, journey status) when it is down;
+    routes that store events acknowledge them without it (``or_defer``)."""
+    if not temporal_unavailable(err):
+        raise err
+    log.warning("Temporal unavailable for %s %s: %s", request.method, request.url.path, err)
+    return _unavailable("Temporal unavailable, retry later")
+
 
 def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
-    """Build the app; pass ``temporal`` to share a client (tests), else it connects at start."""
+    """Build the app; pass ``temporal`` to share a client (tests), else it makes one that
+    connects on first use, so the API starts (and stores events) while Temporal is down."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -36,9 +77,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         if not settings.api_key:
             raise RuntimeError("NURTURE_API_KEY is not set: the API refuses to start without a key")
         if app.state.temporal is None:
-            app.state.temporal = await Client.connect(
-                settings.temporal_address, namespace=settings.temporal_namespace
-            )
+            app.state.temporal = await connect_temporal(settings)
         yield
 
     app = FastAPI(
@@ -49,6 +88,10 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     )
     app.state.settings = settings
     app.state.temporal = temporal
+    for database_error in DATABASE_DOWN:
+        app.add_exception_handler(database_error, _database_down)
+    for temporal_error in (RPCError, RuntimeError):
+        app.add_exception_handler(temporal_error, _temporal_down)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     for module in (contacts, events, journeys, enrollments, templates, segments, scoring):

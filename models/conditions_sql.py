@@ -11,6 +11,7 @@ made here is TRUE or FALSE, never NULL, so ``not`` can negate it safely.
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.sql.elements import ColumnElement
 
 from models.conditions import (
@@ -125,7 +126,24 @@ def _attribute(name: str, op: str, value: Any) -> Predicate:
                 .where(_compare(_Typed(string=tags.c.tag), op, value))
             ),
         )
+    # Not ne / not_in: on a list they hold when *any* element differs, not "not eq".
+    if op in ("eq", "in"):
+        wanted = value if op == "in" else [value]
+        if all(json_kind(v) is not None for v in wanted):
+            return _contains_any(name, wanted)
     return _json_holds(_CONTACTS.c.attributes[name], op, value)
+
+
+def _contains_any(name: str, values: list[Any]) -> Predicate:
+    """Attribute ``name`` equals one of ``values``, or is a list holding one, by JSONB
+    containment: the same rule as the typed comparison (JSONB compares numbers by value and
+    keeps types apart), and it can use the GIN index on ``attributes``."""
+    options: list[Predicate] = [sa.false()]
+    for value in values:
+        for shape in ({name: value}, {name: [value]}):
+            document = sa.cast(sa.bindparam(None, json.dumps(shape), type_=sa.Text), JSONB)
+            options.append(_CONTACTS.c.attributes.op("@>", return_type=sa.Boolean)(document))
+    return sa.or_(*options)
 
 
 def _json_holds(value_json: Any, op: str, value: Any) -> Predicate:

@@ -6,9 +6,10 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 
+from activities.delivery import dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import EventAccepted, EventIn
-from api.services import dispatch_event, find_contact
+from api.services import find_contact
 from models.tables import Event, utcnow
 
 router = APIRouter(prefix="/events", tags=["events"])
@@ -22,7 +23,10 @@ async def track_event(
     settings: SettingsDep,
     response: Response,
 ) -> EventAccepted:
-    """Store one event (once per idempotency id) and signal it to the contact's journeys."""
+    """Store one event (once per idempotency id) and signal it to the contact's journeys.
+
+    Acknowledged once stored: if Temporal is unreachable, the inbox drain delivers it later
+    (``delivered_to`` is then 0)."""
     contact = await find_contact(session, body)
     idempotency_id = body.id or str(uuid.uuid4())
     now = utcnow()
@@ -45,14 +49,17 @@ async def track_event(
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
     event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()
-    delivered = 0
+    accepted = EventAccepted(
+        event_id=event.id, idempotency_id=idempotency_id, duplicate=duplicate, delivered_to=0
+    )
     if not duplicate or event.delivered_at is None:
-        delivered = await dispatch_event(session, temporal, settings, event)
+        delivered = await or_defer(
+            session,
+            temporal,
+            lambda: dispatch_event(session, temporal, settings, event),
+            f"event {event.id}",
+        )
+        accepted.delivered_to = delivered or 0
     if duplicate:
         response.status_code = status.HTTP_200_OK
-    return EventAccepted(
-        event_id=event.id,
-        idempotency_id=idempotency_id,
-        duplicate=duplicate,
-        delivered_to=delivered,
-    )
+    return accepted

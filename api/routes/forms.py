@@ -22,10 +22,10 @@ from pydantic import BaseModel
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import select
 
+from activities.delivery import dispatch_contact_changes, dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.identity import IdentityWork, apply_attributes, end_merged_runs, lock_identities, resolve
 from api.schemas import normalise_email, normalise_phone
-from api.services import dispatch_contact_changes, dispatch_event
 from models.tables import Event, utcnow
 
 router = APIRouter(prefix="/webhooks/forms", tags=["webhooks"])
@@ -196,10 +196,18 @@ async def submit_form(
     ).first()
     if existing is not None:
         await session.commit()
+        accepted = FormAccepted(
+            contact_id=existing.contact_id, event_id=existing.id, duplicate=True
+        )
         if existing.delivered_at is None:
-            await dispatch_event(session, temporal, settings, existing)
+            await or_defer(
+                session,
+                temporal,
+                lambda: dispatch_event(session, temporal, settings, existing),
+                f"form fill {idempotency_id}",
+            )
         response.status_code = status.HTTP_200_OK
-        return FormAccepted(contact_id=existing.contact_id, event_id=existing.id, duplicate=True)
+        return accepted
 
     work = IdentityWork()
     found = await resolve(session, work, email=email, anonymous_id=anonymous_id)
@@ -227,11 +235,20 @@ async def submit_form(
     )
     # Commit before dispatching: nothing acts on an uncommitted row.
     await session.commit()
-    await end_merged_runs(temporal, work.runs_to_end)
-    if changed or found.changed:
-        await dispatch_contact_changes(
-            session, temporal, settings, [contact.id], profile_changed=not found.created
-        )
     event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()
-    await dispatch_event(session, temporal, settings, event)
-    return FormAccepted(contact_id=contact.id, event_id=event.id, duplicate=event.id != event_id)
+    accepted = FormAccepted(
+        contact_id=contact.id, event_id=event.id, duplicate=event.id != event_id
+    )
+
+    async def dispatch() -> None:
+        await end_merged_runs(temporal, work.runs_to_end)
+        if changed or found.changed:
+            await dispatch_contact_changes(
+                session, temporal, settings, [contact.id], profile_changed=not found.created
+            )
+        await dispatch_event(session, temporal, settings, event)
+
+    # Stored and committed, so acknowledged even when Temporal is unreachable: the inbox
+    # drain delivers the event later.
+    await or_defer(session, temporal, dispatch, f"form fill {idempotency_id}")
+    return accepted

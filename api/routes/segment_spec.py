@@ -28,6 +28,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from activities.delivery import dispatch_contact_changes, dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.identity import (
     IdentityWork,
@@ -40,7 +41,6 @@ from api.identity import (
     resolve,
 )
 from api.schemas import normalise_email, normalise_phone
-from api.services import dispatch_contact_changes, dispatch_event
 from models.journey import KNOWN_TIMEZONES
 from models.tables import Event, utcnow
 from settings import Settings
@@ -386,33 +386,39 @@ async def accept(
     checked: list[_Checked],
     label: str,
 ) -> SegmentAccepted:
-    """Store the validated calls in one transaction, commit, then dispatch."""
+    """Store the validated calls in one transaction, commit, then dispatch (or, with Temporal
+    unreachable, leave the events to the inbox drain: they are stored, so acknowledged)."""
     work = IdentityWork()
     stored = await store_calls(session, checked, work, label)
     # Commit before dispatching: nothing acts on an uncommitted row.
     await session.commit()
-    await end_merged_runs(temporal, work.runs_to_end)
-    changed = work.touched - work.tombstones
-    if changed:
-        await dispatch_contact_changes(
-            session, temporal, settings, sorted(changed), profile_changed=True
-        )
-    events: dict[uuid.UUID, Event] = {}
-    if stored.new:
-        found = (await session.exec(select(Event).where(col(Event.id).in_(stored.new)))).all()
-        by_id = {event.id: event for event in found}
-        events = {event_id: by_id[event_id] for event_id in stored.new}
-    if stored.duplicates:
-        # A duplicate stored earlier but never delivered (a crash after its commit) goes now.
-        undelivered = await session.exec(
-            select(Event)
-            .where(col(Event.idempotency_id).in_(stored.duplicates))
-            .where(col(Event.delivered_at).is_(None))
-        )
-        for event in undelivered.all():
-            events.setdefault(event.id, event)
-    for event in events.values():
-        await dispatch_event(session, temporal, settings, event)
+
+    async def dispatch() -> None:
+        await end_merged_runs(temporal, work.runs_to_end)
+        changed = work.touched - work.tombstones
+        if changed:
+            await dispatch_contact_changes(
+                session, temporal, settings, sorted(changed), profile_changed=True
+            )
+        events: dict[uuid.UUID, Event] = {}
+        if stored.new:
+            found = (await session.exec(select(Event).where(col(Event.id).in_(stored.new)))).all()
+            by_id = {event.id: event for event in found}
+            events = {event_id: by_id[event_id] for event_id in stored.new}
+        if stored.duplicates:
+            # A duplicate stored earlier but never delivered (a crash after its commit) goes
+            # now.
+            undelivered = await session.exec(
+                select(Event)
+                .where(col(Event.idempotency_id).in_(stored.duplicates))
+                .where(col(Event.delivered_at).is_(None))
+            )
+            for event in undelivered.all():
+                events.setdefault(event.id, event)
+        for event in events.values():
+            await dispatch_event(session, temporal, settings, event)
+
+    await or_defer(session, temporal, dispatch, f"{label} of {len(checked)} call(s)")
     return SegmentAccepted(
         received=len(checked),
         stored=len(stored.new),

@@ -31,8 +31,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from twilio.request_validator import RequestValidator
 
+from activities.delivery import dispatch_undelivered, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
-from api.services import deliver_event, dispatch_contact_changes, start_triggered
 from models.tables import (
     Contact,
     Event,
@@ -240,7 +240,8 @@ async def _signal_undelivered(
     session: AsyncSession, temporal: Client, settings: Settings, idempotency_ids: list[str]
 ) -> None:
     """Signal each event not yet delivered (a provider retry finishes an interrupted run),
-    start the journeys they trigger, then refresh their contacts' scores and segments."""
+    start the journeys they trigger, then refresh their contacts' scores and segments.
+    With Temporal unreachable they stay undelivered, for the inbox drain."""
     if not idempotency_ids:
         return
     events = (
@@ -251,15 +252,12 @@ async def _signal_undelivered(
             .order_by(col(Event.occurred_at))
         )
     ).all()
-    for event in events:
-        await deliver_event(session, temporal, event)
-    await session.commit()
-    for event in events:
-        await start_triggered(session, temporal, settings, event)
-    contact_ids = {e.contact_id for e in events if e.contact_id is not None}
-    if contact_ids:
-        await dispatch_contact_changes(
-            session, temporal, settings, contact_ids, event_names={e.name for e in events}
+    if events:
+        await or_defer(
+            session,
+            temporal,
+            lambda: dispatch_undelivered(session, temporal, settings, events),
+            f"{len(events)} event(s)",
         )
 
 
