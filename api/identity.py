@@ -244,15 +244,8 @@ async def merge(
 
 def apply_attributes(contact: Contact, attributes: dict[str, Any]) -> bool:
     """Merge attributes into the contact (None deletes a key); return whether any changed."""
-    merged = dict(contact.attributes)
-    for name, value in attributes.items():
-        if value is None:
-            merged.pop(name, None)
-        else:
-            merged[name] = value
-    if merged == contact.attributes:
+    if not contact.merge_attributes(attributes):
         return False
-    contact.attributes = merged
     contact.updated_at = utcnow()
     return True
 

@@ -55,16 +55,15 @@ class ContactRef(_Body):
         return self
 
 
-class ContactUpsert(_Body):
+class _ContactFields(_Body):
+    """The contact fields a client may set, validated and normalised (upsert and patch)."""
+
     email: str | None = None
     external_id: str | None = Field(default=None, min_length=1, max_length=200)
     phone: str | None = None
     timezone: str | None = None
     lifecycle_stage: str | None = Field(default=None, min_length=1, max_length=32)
     tags: list[str] | None = None
-    attributes: dict[str, Any] = Field(
-        default_factory=dict, description="Merged into the stored attributes; null deletes a key."
-    )
 
     @field_validator("email")
     @classmethod
@@ -82,6 +81,12 @@ class ContactUpsert(_Body):
         if value is not None and value not in KNOWN_TIMEZONES:
             raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
         return value
+
+
+class ContactUpsert(_ContactFields):
+    attributes: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into the stored attributes; null deletes a key."
+    )
 
     @model_validator(mode="after")
     def _identified(self) -> ContactUpsert:
@@ -249,36 +254,13 @@ class EnrollResult(BaseModel):
     enrollment: EnrollmentPublic
 
 
-class ContactUpdate(_Body):
+class ContactUpdate(_ContactFields):
     """A partial update: only the fields given change. ``null`` clears email, external_id,
     phone or timezone; in ``attributes`` it deletes a key."""
 
-    email: str | None = None
-    external_id: str | None = Field(default=None, min_length=1, max_length=200)
-    phone: str | None = None
-    timezone: str | None = None
-    lifecycle_stage: str | None = Field(default=None, min_length=1, max_length=32)
-    tags: list[str] | None = None
     attributes: dict[str, Any] | None = Field(
         default=None, description="Merged into the stored attributes; null deletes a key."
     )
-
-    @field_validator("email")
-    @classmethod
-    def _email(cls, value: str | None) -> str | None:
-        return normalise_email(value) if value is not None else None
-
-    @field_validator("phone")
-    @classmethod
-    def _phone(cls, value: str | None) -> str | None:
-        return normalise_phone(value) if value is not None else None
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
-        return value
 
     @model_validator(mode="after")
     def _not_null(self) -> ContactUpdate:

@@ -91,6 +91,20 @@ class Contact(SQLModel, table=True):
     updated_at: datetime = _ts(nullable=False, default_now=True)
     erased_at: datetime | None = _ts()
 
+    def merge_attributes(self, changes: dict[str, Any]) -> bool:
+        """Merge ``changes`` into the attributes (``None`` deletes a key); return whether
+        anything changed. A new dict, so SQLAlchemy sees the JSONB column change."""
+        merged = dict(self.attributes)
+        for name, value in changes.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        if merged == self.attributes:
+            return False
+        self.attributes = merged
+        return True
+
 
 class Event(SQLModel, table=True):
     __tablename__ = "events"

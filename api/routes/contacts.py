@@ -57,13 +57,7 @@ async def upsert_contact(
         value = getattr(body, name)
         if value is not None:
             setattr(contact, name, value)
-    merged = dict(contact.attributes)
-    for name, value in body.attributes.items():
-        if value is None:
-            merged.pop(name, None)
-        else:
-            merged[name] = value
-    contact.attributes = merged
+    contact.merge_attributes(body.attributes)
     contact.updated_at = utcnow()
     session.add(contact)
     await session.flush()
@@ -174,13 +168,7 @@ async def update_contact(
             status.HTTP_422_UNPROCESSABLE_CONTENT, "a contact needs an email or an external_id"
         )
     if body.attributes:
-        merged = dict(contact.attributes)
-        for name, value in body.attributes.items():
-            if value is None:
-                merged.pop(name, None)
-            else:
-                merged[name] = value
-        contact.attributes = merged
+        contact.merge_attributes(body.attributes)
     contact.updated_at = utcnow()
     session.add(contact)
     try:
