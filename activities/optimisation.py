@@ -260,11 +260,12 @@ class OptimisationActivities:
             only = open_to[0]
             why = "; ".join(blocked.values())
             return ChooseChannelResult(only, f"the only channel the contact can receive ({why})")
-        best = max(open_to, key=lambda c: (counts[c], c == input.declared))
-        if counts[best] == counts[input.declared]:
+        top = max(counts[c] for c in open_to)
+        if sum(counts[c] == top for c in open_to) > 1:
             return ChooseChannelResult(
                 input.declared, f"the step's own channel: a tie ({tally} in {days})"
             )
+        best = next(c for c in open_to if counts[c] == top)
         return ChooseChannelResult(best, f"more engagement there ({tally} in {days})")
 
     @activity.defn(name="assign_split_variant")
@@ -305,7 +306,7 @@ class OptimisationActivities:
                 )
             ).first()
             if earlier is not None:  # a retry: the same answer
-                return AssignSplitResult(earlier, _split_reason(test, earlier), test.status)
+                return AssignSplitResult(earlier, "assigned earlier in this test", test.status)
             if test.status == SplitTestStatus.testing:
                 await self._decide(session, test, input, now, observe)
             variant = input.proposed
