@@ -108,6 +108,15 @@ _SPLIT_STATS = text(
 )
 
 
+_OBSERVED = text(
+    """
+    SELECT variant, count(*) FROM split_assignments
+    WHERE split_test_id = :test AND assigned_at + :observe <= :now
+    GROUP BY variant
+    """
+)
+
+
 def best_hour(histogram: Sequence[tuple[int, int, int]], min_engagements: int) -> SendTimeResult:
     """The hour of the week with the most engagements (ties: earliest in the week)."""
     total = sum(count for _, _, count in histogram)
@@ -251,10 +260,9 @@ class OptimisationActivities:
         days = lookback_words(timedelta(seconds=input.lookback_seconds))
         tally = ", ".join(f"{counts[c]} {c} {CHANNEL_WORDS[c]}" for c in input.channels)
         if not open_to:
+            why = "; ".join(blocked.values())
             return ChooseChannelResult(
-                input.declared,
-                "the step's own channel: the contact can receive none of "
-                + "; ".join(blocked.values()),
+                input.declared, f"the step's own channel: the contact can receive neither ({why})"
             )
         if len(open_to) == 1:
             only = open_to[0]
@@ -271,7 +279,8 @@ class OptimisationActivities:
     @activity.defn(name="assign_split_variant")
     async def assign_split_variant(self, input: AssignSplitInput) -> AssignSplitResult:
         """Record the contact in the split's test and decide the winner when the test is
-        due; one decision for the whole journey (the test row is locked while deciding)."""
+        due; one decision for the whole journey. The test row is locked only once the test
+        is due, so arrivals do not queue behind each other the rest of the time."""
         now = datetime.fromisoformat(input.now)
         observe = timedelta(seconds=input.observe_seconds)
         enrollment_id = uuid.UUID(input.enrollment_id)
@@ -290,14 +299,12 @@ class OptimisationActivities:
                 )
                 .on_conflict_do_nothing(index_elements=["journey_key", "step_id"])
             )
-            test = (
-                await session.exec(
-                    select(SplitTest)
-                    .where(SplitTest.journey_key == input.journey_key)
-                    .where(SplitTest.step_id == input.step_id)
-                    .with_for_update()
-                )
-            ).one()
+            which = (
+                select(SplitTest)
+                .where(SplitTest.journey_key == input.journey_key)
+                .where(SplitTest.step_id == input.step_id)
+            )
+            test = (await session.exec(which)).one()
             earlier = (
                 await session.exec(
                     select(SplitAssignment.variant)
@@ -307,8 +314,17 @@ class OptimisationActivities:
             ).first()
             if earlier is not None:  # a retry: the same answer
                 return AssignSplitResult(earlier, "assigned earlier in this test", test.status)
-            if test.status == SplitTestStatus.testing:
-                await self._decide(session, test, input, now, observe)
+            if test.status == SplitTestStatus.testing and await self._due(
+                session, test, input, now, observe
+            ):
+                # Whoever holds the lock first decides; the others then see its decision.
+                test = (
+                    await session.exec(
+                        which.with_for_update().execution_options(populate_existing=True)
+                    )
+                ).one()
+                if test.status == SplitTestStatus.testing:
+                    await self._decide(session, test, input, now, observe)
             variant = input.proposed
             if test.status == SplitTestStatus.winner and test.winner in input.variants:
                 variant = test.winner
@@ -327,6 +343,23 @@ class OptimisationActivities:
                 .values(variant=variant)
             )
             return AssignSplitResult(variant, _split_reason(test, variant), test.status)
+
+    async def _due(
+        self,
+        session: Any,
+        test: SplitTest,
+        input: AssignSplitInput,
+        now: datetime,
+        observe: timedelta,
+    ) -> bool:
+        """Whether every variant has ``test_size`` observed contacts."""
+        rows = (
+            await (await session.connection()).execute(
+                _OBSERVED, {"observe": observe, "test": test.id, "now": now}
+            )
+        ).all()
+        observed = {variant: int(count) for variant, count in rows}
+        return all(observed.get(v, 0) >= input.test_size for v in input.variants)
 
     async def _decide(
         self,
