@@ -4,6 +4,7 @@ workflow's own wake-up time on Temporal's time-skipping server (real activities,
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -136,6 +137,14 @@ async def test_best_time_waits_for_the_hour_the_contact_clicks_most(
     assert timedelta(0) <= left_at(done, "best") - expected < timedelta(seconds=1)
     [message] = await messages_of(settings, enrolled["id"])
     assert message.status == "sent"
+    # The Temporal UI labels the timer with the choice.
+    history = await time_env.client.get_workflow_handle(enrolled["workflow_id"]).fetch_history()
+    timers = [
+        json.loads(e.user_metadata.summary.data)
+        for e in history.events
+        if e.HasField("timer_started_event_attributes")
+    ]
+    assert timers == ["Wait for the best time tue 09:00 Europe/Paris (step best)"]
 
 
 async def test_best_time_tie_goes_to_the_earliest_hour_of_the_week(
