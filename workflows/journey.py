@@ -444,6 +444,7 @@ class JourneyWorkflow:
             summary=f"Find the usual engagement hour of contact {self.input.contact_id}",
         )
         reason = send_time_reason(found, zone.key, parse_duration(rule.lookback))
+        now = workflow.now()  # the activity took a while (or was retried)
         if found.weekday is not None and found.hour is not None:
             # Inside that hour already: now; else when it next begins (DST rules as elsewhere).
             start = clock_time(found.hour)
