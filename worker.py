@@ -22,6 +22,7 @@ from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
 from activities.inbox import InboxDrain
 from activities.messaging import MessagingActivities
+from activities.optimisation import OptimisationActivities
 from activities.refresh import AudienceActivities
 from activities.webhooks import WebhookActivities
 from settings import Settings, get_settings
@@ -44,6 +45,7 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
     crm = CrmActivities(settings, client)
     webhooks = WebhookActivities(settings)
     audience = AudienceActivities(settings)
+    optimisation = OptimisationActivities(settings)
     return [
         contacts.load_contact,
         updates.update_contact,
@@ -56,6 +58,9 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
         crm.sync_crm_task,
         webhooks.call_webhook,
         audience.refresh_audience,
+        optimisation.choose_send_time,
+        optimisation.choose_channel,
+        optimisation.assign_split_variant,
     ]
 
 

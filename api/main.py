@@ -25,6 +25,7 @@ from api.routes import (
     scoring,
     segment_spec,
     segments,
+    splits,
     templates,
     tracking,
     unsubscribe,
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     for module in (contacts, events, journeys, enrollments, templates, segments, scoring):
         v1.include_router(module.router)
+    v1.include_router(splits.router)  # A/B winner tests: /v1/journeys/{key}/splits/{step}
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
     app.include_router(v1)

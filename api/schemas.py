@@ -221,6 +221,13 @@ class StepRecordPublic(BaseModel):
     left_at: str | None
 
 
+class StepChoicePublic(BaseModel):
+    kind: str  # send_time | channel | split
+    choice: str
+    reason: str
+    decided_at: str
+
+
 class EnrollmentPublic(BaseModel):
     id: uuid.UUID
     journey: str
@@ -238,6 +245,8 @@ class EnrollmentPublic(BaseModel):
     waiting_for: str | None = None
     next_wakeup: str | None = None
     history: list[StepRecordPublic] = Field(default_factory=list)
+    # Per step: what best_time, channel: best or a winner-test split chose, and why.
+    choices: dict[str, StepChoicePublic] = Field(default_factory=dict)
     temporal_ui_url: str | None = None
 
 

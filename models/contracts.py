@@ -62,6 +62,16 @@ class ContactSnapshot:
 
 
 @dataclass
+class StepChoice:
+    """A choice a step made from the contact's or the audience's data, and why."""
+
+    kind: str  # send_time | channel | split
+    choice: str
+    reason: str
+    decided_at: str
+
+
+@dataclass
 class JourneyState:
     """Everything the journey knows; carried across continue-as-new."""
 
@@ -78,6 +88,8 @@ class JourneyState:
     goal: str | None = None  # which exit_when goal was reached
     variant: str | None = None  # the variant the last split chose
     runs: int = 1  # how many runs (continue-as-new) this enrollment has used
+    # The last choice of each best_time wait, channel: best send and winner-test split.
+    choices: dict[str, StepChoice] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,6 +157,7 @@ class JourneyStateView:
     goal: str | None = None
     variant: str | None = None
     journey_status: str = "active"
+    choices: dict[str, StepChoice] = field(default_factory=dict)
 
 
 @dataclass
@@ -268,3 +281,64 @@ class RefreshAudienceResult:
     segments_entered: int = 0
     segments_exited: int = 0
     events_delivered: int = 0
+
+
+@dataclass
+class SendTimeInput:
+    """best_time: the contact's engagement by local hour of the week, over a lookback."""
+
+    contact_id: str
+    timezone: str  # the IANA zone the workflow resolved for the contact
+    now: str
+    lookback_seconds: int
+    min_engagements: int
+
+
+@dataclass
+class SendTimeResult:
+    engagements: int  # opens and clicks in the lookback
+    weekday: int | None = None  # 0 = Monday; None: too little history
+    hour: int | None = None
+    count: int = 0  # engagements in that hour of the week
+
+
+@dataclass
+class ChooseChannelInput:
+    """channel: best: which of the step's channels the contact can receive and engages with."""
+
+    contact_id: str
+    declared: str  # the step's own channel, kept on a tie
+    channels: list[str]
+    now: str
+    lookback_seconds: int
+
+
+@dataclass
+class ChooseChannelResult:
+    channel: str
+    reason: str
+
+
+@dataclass
+class AssignSplitInput:
+    """A contact reaches a winner-test split: record it, and go to the winner once decided."""
+
+    journey_key: str
+    step_id: str
+    enrollment_id: str
+    contact_id: str
+    proposed: str  # the weighted, deterministic variant of the test phase
+    variants: list[str]
+    metric: str  # open | click | conversion
+    success_events: list[str]
+    test_size: int
+    confidence: float
+    observe_seconds: int
+    now: str
+
+
+@dataclass
+class AssignSplitResult:
+    variant: str
+    reason: str
+    status: str = "testing"  # testing | winner | no_difference

@@ -144,13 +144,19 @@ class WaitStep(_Step):
     type: Literal["wait"]
     duration: str | None = None
     until: Until | None = None
+    best_time: bool | None = Field(
+        default=None,
+        description="Wait for the contact's usual engagement hour (the journey's send_time "
+        "when its history is too thin).",
+    )
 
     _duration = field_validator("duration")(_check_duration)
 
     @model_validator(mode="after")
     def _one_kind(self) -> WaitStep:
-        if (self.duration is None) == (self.until is None):
-            raise ValueError("a wait needs exactly one of duration, until")
+        kinds = (self.duration is not None) + (self.until is not None) + (self.best_time is True)
+        if kinds != 1:
+            raise ValueError("a wait needs exactly one of duration, until, best_time")
         return self
 
     @property
@@ -183,12 +189,48 @@ class EmailStep(_Step):
     template: str = Field(pattern=KEY_PATTERN)
     subject: str | None = Field(default=None, max_length=998)
     window: SendWindow | None = None
+    # channel: best sends by SMS instead when the contact engages more there.
+    channel: Literal["best"] | None = None
+    sms_template: str | None = Field(default=None, pattern=KEY_PATTERN)
+
+    @model_validator(mode="after")
+    def _alternate(self) -> EmailStep:
+        _check_alternate(self.channel, self.sms_template, "sms_template")
+        return self
+
+    def channel_templates(self) -> dict[str, str]:
+        """The template to send on each channel the step may use."""
+        found = {"email": self.template}
+        if self.sms_template:
+            found["sms"] = self.sms_template
+        return found
 
 
 class SmsStep(_Step):
     type: Literal["sms"]
     template: str = Field(pattern=KEY_PATTERN)
     window: SendWindow | None = None
+    # channel: best sends by email instead when the contact engages more there.
+    channel: Literal["best"] | None = None
+    email_template: str | None = Field(default=None, pattern=KEY_PATTERN)
+
+    @model_validator(mode="after")
+    def _alternate(self) -> SmsStep:
+        _check_alternate(self.channel, self.email_template, "email_template")
+        return self
+
+    def channel_templates(self) -> dict[str, str]:
+        found = {"sms": self.template}
+        if self.email_template:
+            found["email"] = self.email_template
+        return found
+
+
+def _check_alternate(channel: str | None, alternate: str | None, field: str) -> None:
+    if channel == "best" and alternate is None:
+        raise ValueError(f"channel: best needs {field} (the template for the other channel)")
+    if channel is None and alternate is not None:
+        raise ValueError(f"{field} is only used with channel: best")
 
 
 class WaitForStep(_Step):
@@ -245,15 +287,41 @@ class SplitVariant(_Doc):
 
 
 class SplitStep(_Step):
+    """Weighted A/B/n; with a ``metric`` and ``test_size`` it picks a winner (see
+    activities/optimisation.py for the statistical rule)."""
+
     type: Literal["split"]
     variants: list[SplitVariant] = Field(min_length=2, max_length=26)
+    metric: Literal["open", "click", "conversion"] | None = None
+    test_size: int | None = Field(
+        default=None, ge=2, le=1_000_000, description="Observed contacts per variant."
+    )
+    confidence: float | None = Field(default=None, ge=0.5, le=0.999, description="Default 0.95.")
+    observe: str | None = Field(
+        default=None,
+        description="How long after entering the split a contact is watched (default 1d).",
+    )
+
+    _observe = field_validator("observe")(_check_duration)
 
     @model_validator(mode="after")
     def _distinct(self) -> SplitStep:
         names = [v.variant for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError("variants need distinct names (name, or goto when unnamed)")
+        if (self.metric is None) != (self.test_size is None):
+            raise ValueError("a winner test needs both metric and test_size")
+        if self.metric is None and (self.confidence is not None or self.observe is not None):
+            raise ValueError("confidence and observe belong to a winner test: give metric too")
         return self
+
+    @property
+    def observe_delta(self) -> timedelta:
+        return parse_duration(self.observe or "1d")
+
+    @property
+    def confidence_level(self) -> float:
+        return 0.95 if self.confidence is None else self.confidence
 
     def targets(self) -> list[str]:
         return [v.goto for v in self.variants]
@@ -389,6 +457,19 @@ class ReentryAfter(_Doc):
     _after = field_validator("after")(_check_duration)
 
 
+class SendTime(_Doc):
+    """When ``best_time`` waits for a contact with too little history, and how much counts."""
+
+    time: str = "10:00"
+    weekdays: list[str] | None = Field(default_factory=lambda: ["mon", "tue", "wed", "thu", "fri"])
+    lookback: str = "90d"
+    min_engagements: int = Field(default=3, ge=1, le=10_000)
+
+    _time = field_validator("time")(_check_clock)
+    _weekdays = field_validator("weekdays")(_check_weekdays)
+    _lookback = field_validator("lookback")(_check_duration)
+
+
 class JourneyDocument(_Doc):
     key: str = Field(pattern=KEY_PATTERN, description="Stable identifier, [a-z0-9-].")
     name: str = Field(min_length=1, max_length=200)
@@ -398,6 +479,9 @@ class JourneyDocument(_Doc):
     enroll_on_publish: bool = False
     reentry: Literal["never", "after_exit"] | ReentryAfter = "never"
     exit_when: Condition | None = None
+    send_time: SendTime | None = Field(
+        default=None, description="best_time's fallback and thresholds (defaults: SendTime())."
+    )
     steps: list[Step] = Field(min_length=1, max_length=500)
 
     @field_validator("default_timezone")
@@ -429,6 +513,11 @@ class JourneyDocument(_Doc):
                 _only_props(f"step {step.id!r}", step.where)
             if isinstance(step, EnrollStep) and step.journey == self.key:
                 raise ValueError(f"step {step.id!r}: a journey may not enroll into itself")
+            if isinstance(step, SplitStep) and step.metric == "conversion" and not self.goals():
+                raise ValueError(
+                    f"step {step.id!r}: metric conversion counts the journey's goal events; "
+                    "give exit_when an {event: ...} goal"
+                )
         if self.trigger is not None and self.trigger.where is not None:
             _only_props("trigger", self.trigger.where)
         return self
@@ -450,7 +539,30 @@ class JourneyDocument(_Doc):
         found: dict[str, set[str]] = {"email": set(), "sms": set()}
         for step in self.steps:
             if isinstance(step, EmailStep | SmsStep):
-                found[step.type].add(step.template)
+                for channel, template in step.channel_templates().items():
+                    found[channel].add(template)
+        return found
+
+    @property
+    def send_time_rule(self) -> SendTime:
+        return self.send_time or SendTime()
+
+    def goals(self) -> list[str]:
+        """Names of the events in ``exit_when`` (what a split's conversion counts)."""
+        found: list[str] = []
+
+        def walk(value: Any) -> None:
+            if isinstance(value, dict):
+                if isinstance(value.get("event"), str) and value["event"] not in found:
+                    found.append(value["event"])
+                for item in value.values():
+                    walk(item)
+            elif isinstance(value, list):
+                for item in value:
+                    walk(item)
+
+        if self.exit_when is not None:
+            walk(self.exit_when.model_dump(by_alias=True, exclude_none=True))
         return found
 
     def journeys(self) -> set[str]:

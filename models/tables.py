@@ -427,3 +427,50 @@ class ScoringModel(SQLModel, table=True):
     key: str = Field(max_length=64, primary_key=True)
     document: dict[str, Any] = _jsonb()
     updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class SplitTestStatus(StrEnum):
+    testing = "testing"
+    winner = "winner"
+    no_difference = "no_difference"
+
+
+class SplitTest(SQLModel, table=True):
+    """A split with a winner test: shared by every enrollment of the journey (all versions
+    with that step id), so the decision is made once, in PostgreSQL."""
+
+    __tablename__ = "split_tests"
+    __table_args__ = (sa.UniqueConstraint("journey_key", "step_id", name="uq_split_tests"),)
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    journey_key: str = Field(max_length=64)
+    step_id: str = Field(max_length=64)
+    metric: str = Field(max_length=16)
+    status: SplitTestStatus = Field(
+        default=SplitTestStatus.testing, sa_type=sa.String(16), nullable=False
+    )
+    winner: str | None = Field(default=None, max_length=64)
+    p_value: float | None = None
+    # Per-variant observed contacts and successes at the decision.
+    stats: dict[str, Any] = _jsonb()
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    decided_at: datetime | None = _ts()
+
+
+class SplitAssignment(SQLModel, table=True):
+    """Which variant of a winner-test split an enrollment got, and when (the workflow's time)."""
+
+    __tablename__ = "split_assignments"
+    __table_args__ = (
+        sa.Index("ix_split_assignments_variant", "split_test_id", "variant", "assigned_at"),
+    )
+
+    split_test_id: uuid.UUID = Field(
+        foreign_key="split_tests.id", ondelete="CASCADE", primary_key=True
+    )
+    enrollment_id: uuid.UUID = Field(
+        foreign_key="enrollments.id", ondelete="CASCADE", primary_key=True
+    )
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
+    variant: str = Field(max_length=64)
+    assigned_at: datetime = _ts(nullable=False)

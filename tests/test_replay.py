@@ -83,6 +83,7 @@ def test_histories_are_recorded() -> None:
         "trial-nurture-opened",
         "trial-nurture-never-opened",
         "every-step-type",
+        "optimised-steps",
     }
 
 
@@ -134,6 +135,46 @@ async def test_every_step_type_history_replays(
     await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
     if os.environ.get("NURTURE_RECORD_HISTORIES"):
         (HISTORIES / "every-step-type.json").write_text(
+            json.dumps(
+                {"workflow_id": history.workflow_id, "history": json.loads(history.to_json())}
+            )
+        )
+
+
+async def test_optimised_steps_history_replays(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    time_worker: Worker,
+) -> None:
+    """best_time, channel: best and a winner-test split (recorded as optimised-steps)."""
+    from tests.helpers import put_template
+    from tests.test_journey_language import journey
+
+    await put_template(
+        time_api, "replay-best-sms", channel="sms", text="Hi", subject=None, html=None
+    )
+    key = await journey(
+        time_api,
+        [
+            {"id": "best", "type": "wait", "best_time": True},
+            {"id": "mail", "type": "email", "template": "replay-best-mail",
+             "channel": "best", "sms_template": "replay-best-sms"},
+            {"id": "ab", "type": "split", "metric": "click", "test_size": 2,
+             "variants": [{"weight": 1, "goto": "bye"}, {"weight": 1, "goto": "bye",
+                                                         "name": "b"}]},
+            {"id": "bye", "type": "exit"},
+        ],
+        default_timezone="Europe/Paris",
+    )  # fmt: skip
+    person = await contact(time_api, phone="+14155550198")
+    enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+    await result_of(time_env, enrolled["workflow_id"])
+    history = await time_env.client.get_workflow_handle(enrolled["workflow_id"]).fetch_history()
+    kinds = {e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events}
+    assert {"choose_send_time", "choose_channel", "assign_split_variant"} <= kinds
+    await Replayer(workflows=[JourneyWorkflow]).replay_workflow(history)
+    if os.environ.get("NURTURE_RECORD_HISTORIES"):
+        (HISTORIES / "optimised-steps.json").write_text(
             json.dumps(
                 {"workflow_id": history.workflow_id, "history": json.loads(history.to_json())}
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 
 from temporalio import workflow
@@ -22,11 +23,16 @@ with workflow.unsafe.imports_passed_through():
     from activities.crm import CrmActivities
     from activities.enrollments import EnrollmentActivities
     from activities.messaging import MessagingActivities
+    from activities.optimisation import OptimisationActivities, send_time_reason
     from activities.webhooks import WebhookActivities
     from models.conditions import Condition, evaluate
     from models.contracts import (
         SA_STATUS,
         SA_STEP,
+        AssignSplitInput,
+        AssignSplitResult,
+        ChooseChannelInput,
+        ChooseChannelResult,
         ContactChangedSignal,
         ContactSnapshot,
         ControlRequest,
@@ -43,6 +49,9 @@ with workflow.unsafe.imports_passed_through():
         LoadContactInput,
         RecordVariantInput,
         SendMessageInput,
+        SendTimeInput,
+        SendTimeResult,
+        StepChoice,
         StepRecord,
         UpdateContactInput,
         WebhookInput,
@@ -59,6 +68,7 @@ with workflow.unsafe.imports_passed_through():
         SendWindow,
         SmsStep,
         SplitStep,
+        SplitVariant,
         Step,
         UntilAt,
         UntilClock,
@@ -71,6 +81,8 @@ with workflow.unsafe.imports_passed_through():
         parse_offset,
     )
     from models.schedule import (
+        WEEKDAYS,
+        Window,
         moment_at,
         moment_from_value,
         next_time_of_day,
@@ -272,6 +284,7 @@ class JourneyWorkflow:
             goal=self.state.goal,
             variant=self.state.variant,
             journey_status=self.state.journey_status,
+            choices=self.state.choices,
         )
 
     def _same_key(self, signal: EventSignal) -> bool:
@@ -400,12 +413,59 @@ class JourneyWorkflow:
                 f"Wait {format_duration(step.delay)} (step {step.id})",
             )
             return _Next(outcome="waited")
+        if step.best_time:
+            return await self._best_time(step)
         moment, note = self._until(step)
         if moment is None:
             return _Next(outcome=f"proceeded at once: {note}")
         self.waiting_for = f"until {moment.isoformat()}"
         await self._hold(lambda: False, moment, f"Wait until {moment.isoformat()} (step {step.id})")
         return _Next(outcome=f"waited until {moment.isoformat()}" + (f" ({note})" if note else ""))
+
+    def _choose(self, step_id: str, kind: str, choice: str, reason: str) -> None:
+        self.state.choices[step_id] = StepChoice(kind, choice, reason, workflow.now().isoformat())
+
+    async def _best_time(self, step: WaitStep) -> _Next:
+        """Wait for the contact's usual engagement hour, else the journey's send time."""
+        rule = self.document.send_time_rule
+        zone, note = self._zone_and_note()
+        now = workflow.now()
+        found: SendTimeResult = await workflow.execute_activity_method(
+            OptimisationActivities.choose_send_time,
+            SendTimeInput(
+                contact_id=self.input.contact_id,
+                timezone=zone.key,
+                now=now.isoformat(),
+                lookback_seconds=int(parse_duration(rule.lookback).total_seconds()),
+                min_engagements=rule.min_engagements,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=READ_RETRY,
+            summary=f"Find the usual engagement hour of contact {self.input.contact_id}",
+        )
+        reason = send_time_reason(found, zone.key, parse_duration(rule.lookback))
+        now = workflow.now()  # the activity took a while (or was retried)
+        if found.weekday is not None and found.hour is not None:
+            # Inside that hour already: now; else when it next begins (DST rules as elsewhere).
+            start = clock_time(found.hour)
+            hour = Window(start, clock_time(found.hour, 59, 59), frozenset({found.weekday}))
+            moment = window_opens_at(now, hour, zone)
+            choice = f"{WEEKDAYS[found.weekday]} {start.isoformat('minutes')} {zone.key}"
+        else:
+            clock, weekdays = parse_clock(rule.time), parse_weekdays(rule.weekdays)
+            moment = next_time_of_day(now, zone, clock, weekdays)
+            days = ",".join(rule.weekdays) if rule.weekdays else "every day"
+            choice = f"journey default {rule.time} {days} {zone.key}"
+            reason = f"{reason}, fewer than {rule.min_engagements}: {choice}"
+        if note:
+            reason = f"{reason}; {note}"
+        self._choose(step.id, "send_time", choice, reason)
+        if moment <= workflow.now():
+            return _Next(outcome=f"best time is now: {choice} ({reason})")
+        self.waiting_for = f"the best time {moment.isoformat()} ({reason})"
+        self._details(f"step **{step.label or step.id}** (wait, best_time)")
+        await self._hold(lambda: False, moment, f"Wait for the best time {choice} (step {step.id})")
+        return _Next(outcome=f"waited until {moment.isoformat()}: {choice} ({reason})")
 
     def _until(self, step: WaitStep) -> tuple[datetime | None, str | None]:
         """The moment a ``wait until`` ends (None: proceed now) and a note about it."""
@@ -457,13 +517,37 @@ class JourneyWorkflow:
         await self._hold(lambda: False, opens, f"Wait for the send window (step {step_id})")
         return None
 
+    async def _best_channel(self, step: EmailStep | SmsStep) -> str:
+        templates = step.channel_templates()
+        lookback = parse_duration(self.document.send_time_rule.lookback)
+        chosen: ChooseChannelResult = await workflow.execute_activity_method(
+            OptimisationActivities.choose_channel,
+            ChooseChannelInput(
+                contact_id=self.input.contact_id,
+                declared=step.type,
+                channels=sorted(templates),
+                now=workflow.now().isoformat(),
+                lookback_seconds=int(lookback.total_seconds()),
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=READ_RETRY,
+            summary=f"Choose email or SMS for contact {self.input.contact_id} (step {step.id})",
+        )
+        self._choose(step.id, "channel", chosen.channel, chosen.reason)
+        return chosen.channel
+
     async def _send(self, step: EmailStep | SmsStep) -> _Next:
+        channel: str = step.type
+        template = step.template
+        if step.channel == "best":
+            channel = await self._best_channel(step)
+            template = step.channel_templates()[channel]
         skip = await self._window_allows(step.id, step.window)
         if skip:
-            return _Next(outcome=f"{step.type} skipped: {skip}")
+            return _Next(outcome=f"{channel} skipped: {skip}")
         visit = self.state.visits[step.id]
         activity = (
-            MessagingActivities.send_email if step.type == "email" else MessagingActivities.send_sms
+            MessagingActivities.send_email if channel == "email" else MessagingActivities.send_sms
         )
         while not self._interrupted():
             await self._hold_while_paused()
@@ -479,8 +563,10 @@ class JourneyWorkflow:
                         journey_key=self.input.journey_key,
                         journey_version=self.input.journey_version,
                         step_id=step.id,
-                        template=step.template,
-                        subject=step.subject if isinstance(step, EmailStep) else None,
+                        template=template,
+                        subject=step.subject
+                        if isinstance(step, EmailStep) and channel == "email"
+                        else None,
                         variant=self.state.variant,
                         trigger=self.input.trigger,
                         now=workflow.now().isoformat(),
@@ -489,17 +575,17 @@ class JourneyWorkflow:
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(days=1),
                     retry_policy=SEND_RETRY,
-                    summary=f"{'Email' if step.type == 'email' else 'SMS'} '{step.template}' "
+                    summary=f"{'Email' if channel == 'email' else 'SMS'} '{template}' "
                     f"to contact {self.input.contact_id} (step {step.id})",
                 )
             except ActivityError as err:
                 # Retries ran out (a provider down for a day): record it and go on.
-                return _Next(outcome=f"{step.type} failed: {err.cause or err}")
+                return _Next(outcome=f"{channel} failed: {err.cause or err}")
             if result.status == "deferred" and result.retry_at:
                 until = datetime.fromisoformat(result.retry_at)
                 self.waiting_for = f"{result.reason}; sending at {until.isoformat()}"
                 await self._hold(
-                    lambda: False, until, f"Defer the {step.type} (step {step.id}): {result.reason}"
+                    lambda: False, until, f"Defer the {channel} (step {step.id}): {result.reason}"
                 )
                 self.waiting_for = None
                 continue
@@ -516,7 +602,7 @@ class JourneyWorkflow:
                 self.waiting_for = None
                 continue
             return _Next(
-                outcome=f"{step.type} {result.status}"
+                outcome=f"{channel} {result.status}"
                 + (f": {result.reason}" if result.reason else "")
             )
         return _Next(outcome="interrupted")
@@ -573,7 +659,7 @@ class JourneyWorkflow:
                 return _Next(goto=case.goto, outcome=f"case {number} -> {case.goto}")
         return _Next(goto=step.else_, outcome=f"else -> {step.else_ or 'next step'}")
 
-    async def _split(self, step: SplitStep) -> _Next:
+    def _weighted_variant(self, step: SplitStep) -> SplitVariant:
         # Deterministic per enrollment and step: the same contact always gets the same arm.
         digest = hashlib.sha256(f"{self.input.enrollment_id}:{step.id}".encode()).digest()
         point = int.from_bytes(digest[:8], "big") % sum(v.weight for v in step.variants)
@@ -581,6 +667,45 @@ class JourneyWorkflow:
             if point < variant.weight:
                 break
             point -= variant.weight
+        return variant
+
+    async def _split_test(self, step: SplitStep, proposed: SplitVariant) -> _Next:
+        """A split with a winner test: the shared test decides (see activities/optimisation)."""
+        assert step.metric is not None and step.test_size is not None
+        events = {
+            "open": ["email_opened", "email_clicked"],
+            "click": ["email_clicked"],
+            "conversion": self.document.goals(),
+        }[step.metric]
+        assigned: AssignSplitResult = await workflow.execute_activity_method(
+            OptimisationActivities.assign_split_variant,
+            AssignSplitInput(
+                journey_key=self.input.journey_key,
+                step_id=step.id,
+                enrollment_id=self.input.enrollment_id,
+                contact_id=self.input.contact_id,
+                proposed=proposed.variant,
+                variants=[v.variant for v in step.variants],
+                metric=step.metric,
+                success_events=events,
+                test_size=step.test_size,
+                confidence=step.confidence_level,
+                observe_seconds=int(step.observe_delta.total_seconds()),
+                now=workflow.now().isoformat(),
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=READ_RETRY,
+            summary=f"Assign a variant of the {step.metric} test (step {step.id})",
+        )
+        variant = next(v for v in step.variants if v.variant == assigned.variant)
+        self.state.variant = variant.variant
+        self._choose(step.id, "split", variant.variant, assigned.reason)
+        return _Next(goto=variant.goto, outcome=f"variant {variant.variant}: {assigned.reason}")
+
+    async def _split(self, step: SplitStep) -> _Next:
+        variant = self._weighted_variant(step)
+        if step.metric is not None:
+            return await self._split_test(step, variant)
         self.state.variant = variant.variant
         await workflow.execute_activity_method(
             EnrollmentActivities.record_variant,

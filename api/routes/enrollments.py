@@ -8,7 +8,7 @@ from temporalio.client import WorkflowHandle, WorkflowQueryFailedError, Workflow
 from temporalio.service import RPCError
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
-from api.schemas import EnrollmentPublic, MoveIn, StepRecordPublic
+from api.schemas import EnrollmentPublic, MoveIn, StepChoicePublic, StepRecordPublic
 from models.contracts import ControlRequest, JourneyResult, JourneyStateView
 from models.tables import Enrollment, Journey, JourneyVersion
 from settings import Settings
@@ -85,6 +85,9 @@ async def get_enrollment(
     result.waiting_for = view.waiting_for
     result.next_wakeup = view.next_wakeup
     result.history = [StepRecordPublic.model_validate(r.__dict__) for r in view.history]
+    result.choices = {
+        step: StepChoicePublic.model_validate(c.__dict__) for step, c in view.choices.items()
+    }
     return result
 
 

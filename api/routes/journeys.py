@@ -245,21 +245,22 @@ async def _check_templates(session: SessionDep, document: JourneyDocument) -> No
     problems: list[dict[str, Any]] = []
     for step in document.steps:
         if isinstance(step, EmailStep | SmsStep):
-            if step.template not in channels:
-                message = f"no template with key {step.template!r}"
-            elif channels[step.template] != step.type:
-                message = (
-                    f"template {step.template!r} is for {channels[step.template]}, not {step.type}"
+            for channel, template in step.channel_templates().items():
+                # channel: best names the other channel's template in <channel>_template.
+                field = "template" if channel == step.type else f"{channel}_template"
+                if template not in channels:
+                    message = f"no template with key {template!r}"
+                elif channels[template] != channel:
+                    message = f"template {template!r} is for {channels[template]}, not {channel}"
+                else:
+                    continue
+                problems.append(
+                    {
+                        "step": step.id,
+                        "field": field,
+                        "message": f"step {step.id!r} {field}: {message}",
+                    }
                 )
-            else:
-                continue
-            problems.append(
-                {
-                    "step": step.id,
-                    "field": "template",
-                    "message": f"step {step.id!r} template: {message}",
-                }
-            )
         elif isinstance(step, EnrollStep) and step.journey not in journeys:
             problems.append(
                 {
