@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from html import escape
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select, update
@@ -55,6 +56,10 @@ from models.tables import (
     utcnow,
 )
 from settings import Settings
+
+T = TypeVar("T")
+# Well inside the send activity's heartbeat timeout (workflows/journey.py SEND_HEARTBEAT).
+HEARTBEAT_SECONDS = 2.0
 
 
 def email_provider(settings: Settings) -> EmailProvider:
@@ -123,11 +128,11 @@ class MessagingActivities:
 
     @activity.defn(name="send_email")
     async def send_email(self, input: SendMessageInput) -> SendMessageResult:
-        return await self._send(MessageChannel.email, input)
+        return await _heartbeating(self._send(MessageChannel.email, input))
 
     @activity.defn(name="send_sms")
     async def send_sms(self, input: SendMessageInput) -> SendMessageResult:
-        return await self._send(MessageChannel.sms, input)
+        return await _heartbeating(self._send(MessageChannel.sms, input))
 
     async def _send(self, channel: MessageChannel, input: SendMessageInput) -> SendMessageResult:
         async with session_scope(self.database_url) as session:
@@ -348,6 +353,23 @@ class MessagingActivities:
             stored.status, stored.error, stored.failed_at = MessageStatus.failed, error, utcnow()
             session.add(stored)
         return SendMessageResult(str(message.id), MessageStatus.failed, error)
+
+
+async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, heartbeating every ``HEARTBEAT_SECONDS``: a worker that dies mid-send is
+    noticed when its heartbeats stop (the workflow's heartbeat timeout), not at the end of
+    the minute the send may take, so another worker retries it soon."""
+    if not activity.in_activity():
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        task.cancel()
 
 
 async def _message_by_key(session: AsyncSession, key: str) -> Message | None:

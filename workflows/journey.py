@@ -96,6 +96,8 @@ SEND_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=10),
 )
+# A send heartbeats (activities/messaging.py): a worker that died mid-send is noticed this soon.
+SEND_HEARTBEAT = timedelta(seconds=10)
 WEBHOOK_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5),
     backoff_coefficient=2.0,
@@ -488,6 +490,7 @@ class JourneyWorkflow:
                     ),
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(days=1),
+                    heartbeat_timeout=SEND_HEARTBEAT,
                     retry_policy=SEND_RETRY,
                     summary=f"{'Email' if step.type == 'email' else 'SMS'} '{step.template}' "
                     f"to contact {self.input.contact_id} (step {step.id})",
