@@ -9,6 +9,8 @@ SendGrid SDK against a local server that books every message it accepts.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -180,10 +182,13 @@ async def test_temporal_restarted_mid_run_every_journey_finishes_and_events_arri
 
 
 async def test_postgres_restarted_mid_run_every_journey_finishes_sending_nothing_twice(
-    stack: Stack, tmp_path: Path
+    stack: Stack,
 ) -> None:
     assert stack.client is not None
-    data_dir = tmp_path / "pg" / "data"
+    # Not under pytest's temporary directory: a pytest starting meanwhile tightens its
+    # permissions, and the embedded server runs as its own user.
+    pg_root = Path(tempfile.mkdtemp(prefix="nurture-faults-pg-"))
+    data_dir = pg_root / "data"
     server_url = start_embedded(data_dir)
     try:
         database_url = create_database(server_url, f"nurture_faults_{uuid.uuid4().hex[:8]}")
@@ -206,6 +211,7 @@ async def test_postgres_restarted_mid_run_every_journey_finishes_sending_nothing
         for process in stack.workers:
             process.kill()
         stop_embedded(data_dir)
+        shutil.rmtree(pg_root, ignore_errors=True)
 
 
 async def test_provider_500_and_429_storm_each_message_accepted_exactly_once(
