@@ -112,7 +112,11 @@ async def or_defer(
 async def _signal_active(
     session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
 ) -> int:
-    """Send a signal to every active enrollment matching ``where``; return how many got it."""
+    """Send a signal to every active enrollment matching ``where``; return how many got it.
+
+    An event for a journey not started yet raises ``JourneyNotStarted`` (it would be
+    missed); other signals are skipped, as a journey reads the contact and the journey's
+    status when it starts."""
     query = select(Enrollment.workflow_id, Enrollment.run_id).where(
         Enrollment.status == EnrollmentStatus.active
     )
@@ -120,7 +124,8 @@ async def _signal_active(
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
     for workflow_id, run_id in (await session.exec(query)).all():
-        if await _signal(temporal, workflow_id, signal_name, arg, started=run_id is not None):
+        started = run_id is not None or signal_name != "event"
+        if await _signal(temporal, workflow_id, signal_name, arg, started=started):
             delivered += 1
     return delivered
 
@@ -351,12 +356,18 @@ async def deliver_events(
         for contact_id, workflow_id, run_id in rows.all():
             running[contact_id].append((workflow_id, run_id is not None))
     delivered = 0
+    waiting: set[uuid.UUID] = set()
     for event in events:
         for workflow_id, started in running.get(event.contact_id, []) if event.contact_id else []:
-            if await _signal(temporal, workflow_id, "event", event_signal(event), started=started):
-                delivered += 1
+            try:
+                if await _signal(
+                    temporal, workflow_id, "event", event_signal(event), started=started
+                ):
+                    delivered += 1
+            except JourneyNotStarted:
+                waiting.add(event.id)  # left undelivered: the inbox drain retries it
     now = utcnow()
-    ids = [e.id for e in events]
+    ids = [e.id for e in events if e.id not in waiting]
     for start in range(0, len(ids), _CHUNK):
         await (await session.connection()).execute(
             sa.update(Event)
