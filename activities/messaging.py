@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.contacts import snapshot
 from activities.providers import (
@@ -60,6 +61,8 @@ from settings import Settings
 T = TypeVar("T")
 # Well inside the send activity's heartbeat timeout (workflows/journey.py SEND_HEARTBEAT).
 HEARTBEAT_SECONDS = 2.0
+# A provider's Retry-After is honoured up to this; longer asks are retried sooner.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 def email_provider(settings: Settings) -> EmailProvider:
@@ -183,6 +186,14 @@ class MessagingActivities:
             if not err.may_have_reached:
                 # Provably not accepted: the retry may call the provider again.
                 await self._set_status(message, MessageStatus.pending, MessageStatus.sending)
+            if err.retry_after is not None:
+                # The provider said when to come back (a rate limit): retry then, not sooner.
+                wait = min(err.retry_after, MAX_RETRY_AFTER_SECONDS)
+                raise ApplicationError(
+                    str(err),
+                    type=type(err).__name__,
+                    next_retry_delay=timedelta(seconds=max(wait, 1.0)),
+                ) from err
             raise
         async with session_scope(self.database_url) as session:
             stored = await session.get(Message, message.id)

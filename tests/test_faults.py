@@ -12,13 +12,15 @@ import asyncio
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
 
 from devstack.postgres import create_database, migrate, start_embedded, stop_embedded
 from settings import Settings
@@ -32,7 +34,10 @@ from soak.stack import (
 )
 from tests.helpers import contact, enroll, publish, put_template, unique
 from tests.test_inbox import api_client
-from tests.test_journey_language import enrollments_of
+from tests.test_journey_language import enrollments_of, journey
+from tests.test_journey_workflow import messages_of, result_of
+from tests.test_providers import FakeProvider, accepted, sendgrid_error, through_sendgrid
+from worker import build_worker
 
 # Each journey: an email, a pause, another email.
 MESSAGES_PER_JOURNEY = 2
@@ -237,3 +242,43 @@ async def _true(value: bool) -> bool:
 async def _undelivered(stack: Stack, key: str, expected: int) -> bool:
     books = await read_books(stack.settings, stack.provider, [key], MESSAGES_PER_JOURNEY)
     return books.events_undelivered == expected
+
+
+@pytest.fixture
+def sendgrid_fake() -> Iterator[FakeProvider]:
+    server = FakeProvider([])
+    yield server
+    server.close()
+
+
+async def test_a_rate_limited_send_waits_as_long_as_the_provider_asks(
+    time_env: WorkflowEnvironment,
+    time_api: httpx.AsyncClient,
+    settings: Settings,
+    sendgrid_fake: FakeProvider,
+) -> None:
+    status, headers, body = sendgrid_error(429, "too many requests")
+    sendgrid_fake.answers = [(status, {**headers, "Retry-After": "1800"}, body), accepted("sg-1")]
+    key = await journey(time_api, [{"id": "offer", "type": "email", "template": unique("t")}])
+    person = await contact(time_api)
+    async with build_worker(time_env.client, through_sendgrid(settings, sendgrid_fake)):
+        enrolled = (await enroll(time_api, key, person["id"]))["enrollment"]
+        await result_of(time_env, enrolled["workflow_id"])
+    [message] = await messages_of(settings, enrolled["id"])
+    assert message.status == "sent" and len(sendgrid_fake.calls) == 2
+    scheduled = started = None
+    async for event in time_env.client.get_workflow_handle(
+        enrolled["workflow_id"]
+    ).fetch_history_events():
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            attributes = event.activity_task_scheduled_event_attributes
+            if attributes.activity_type.name == "send_email":
+                scheduled = event.event_time.ToDatetime()
+        if event.HasField("activity_task_started_event_attributes") and scheduled:
+            started = event
+            break
+    assert scheduled is not None and started is not None
+    assert started.activity_task_started_event_attributes.attempt == 2
+    # The second attempt came when SendGrid said, not after the 2 s of the retry policy.
+    waited = started.event_time.ToDatetime() - scheduled
+    assert timedelta(minutes=30) <= waited < timedelta(minutes=31)
