@@ -215,6 +215,12 @@ class Enrollment(SQLModel, table=True):
         ),
         sa.Index("ix_enrollments_contact_status", "contact_id", "status"),
         sa.Index("ix_enrollments_journey_status", "journey_id", "status"),
+        # The inbox drain looks for runs that never started every few seconds.
+        sa.Index(
+            "ix_enrollments_unstarted",
+            "started_at",
+            postgresql_where=sa.text("status = 'active' AND run_id IS NULL"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
