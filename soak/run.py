@@ -31,7 +31,7 @@ from temporalio.api.enums.v1 import EventType
 from api.main import create_app
 from devstack.postgres import create_database, migrate, start_embedded, stop_embedded
 from models.db import session_scope
-from models.tables import Enrollment, Event, Journey
+from models.tables import Enrollment, Event, Journey, Message
 from settings import Settings
 from soak.stack import Books, FakeSendGrid, TemporalServer, WorkerProcess, read_books, worker_env
 
@@ -49,6 +49,9 @@ class SoakConfig:
     fault_every_seconds: float = 6.0
     workers: int = 2
     work_dir: Path | None = None
+    # After the faults: how long journeys may take to catch up. A send that failed many
+    # times waits its retry policy's backoff (doubling up to 10 minutes).
+    settle_seconds: float = 660.0
 
 
 @dataclass
@@ -64,6 +67,7 @@ class SoakReport:
     books: Books | None = None
     exited_on_goal: int = 0
     seconds: float = 0.0
+    recovery_seconds: float = 0.0  # from the last fault to every journey's two emails
 
     def problems(self) -> list[str]:
         found = list(self.books.problems()) if self.books else ["no books"]
@@ -92,6 +96,7 @@ class SoakReport:
         if self.books:
             lines.append(f"books: {self.books.summary()}")
         lines.append(f"journeys left on their goal: {self.exited_on_goal}")
+        lines.append(f"recovered (all sent, all delivered) {self.recovery_seconds:.0f}s after load")
         problems = self.problems()
         lines.append("BOOKS BALANCE" if not problems else f"PROBLEMS: {problems}")
         return "\n".join(lines)
@@ -107,7 +112,8 @@ class Soak:
         self.pg_root = Path(tempfile.mkdtemp(prefix="nurture-soak-pg-"))
         self.pg_dir = self.pg_root / "data"
         self.temporal = TemporalServer(work_dir / "temporal.db")
-        self.provider = FakeSendGrid()
+        # Slow enough that a killed worker often has sends in flight.
+        self.provider = FakeSendGrid(latency=0.4)
         self.workers: list[WorkerProcess] = []
         self.contacts: list[str] = []
         self.enrolled: list[str] = []
@@ -308,8 +314,11 @@ class Soak:
     async def _settle(self) -> None:
         """Faults over: wait until every event is delivered and every journey sent its two
         emails, count the signals in the histories, then end every journey on its goal."""
-        await self._wait(self._all_delivered, "every stored event delivered", 120)
-        await self._wait(self._all_sent, "every journey sent its two emails", 120)
+        began = time.monotonic()
+        limit = self.config.settle_seconds
+        await self._wait(self._all_delivered, "every stored event delivered", limit)
+        await self._wait(self._all_sent, "every journey sent its two emails", limit)
+        self.report.recovery_seconds = time.monotonic() - began
         stored = await self._stored_ids()
         self.report.stored_events = len(stored)
         self.report.stored_not_accepted = len(stored - self.report.accepted_events)
@@ -341,9 +350,47 @@ class Soak:
         deadline = time.monotonic() + seconds
         while not await check():
             if time.monotonic() > deadline:
-                tails = "\n".join(f"--- {w.name}\n{w.log_tail()}" for w in self.workers)
-                raise AssertionError(f"soak: not {what} within {seconds}s\n{tails}")
+                raise AssertionError(
+                    f"soak: not {what} within {seconds}s\n{await self._diagnose()}"
+                )
             await asyncio.sleep(0.5)
+
+    async def _diagnose(self) -> str:
+        """What the journeys still running are doing: their pending activities, attempts
+        and last failures, and the state of their messages."""
+        lines = []
+        async with session_scope(self.settings.database_url) as session:
+            connection = await session.connection()
+            runs = (
+                await connection.execute(
+                    sa.select(col(Enrollment.id), col(Enrollment.workflow_id))
+                    .join(Journey, col(Journey.id) == col(Enrollment.journey_id))
+                    .where(col(Journey.key) == self.key)
+                    .where(col(Enrollment.status) == "active")
+                )
+            ).all()
+            statuses = (
+                await connection.execute(
+                    sa.select(col(Message.enrollment_id), col(Message.step_id), col(Message.status))
+                )
+            ).all()
+        by_run: dict[str, list[str]] = {}
+        for enrollment_id, step, status in statuses:
+            by_run.setdefault(str(enrollment_id), []).append(f"{step}={status}")
+        assert self.temporal.env is not None
+        for enrollment_id, workflow_id in runs:
+            messages = by_run.get(str(enrollment_id), [])
+            if len(messages) == MESSAGES_PER_JOURNEY and not any("pending" in m for m in messages):
+                continue
+            described = await self.temporal.env.client.get_workflow_handle(workflow_id).describe()
+            pending = [
+                f"{a.activity_type.name} attempt {a.attempt} state {a.state} "
+                f"last failure {a.last_failure.message!r}"
+                for a in described.raw_description.pending_activities
+            ]
+            lines.append(f"{workflow_id}: messages {messages}; pending {pending}")
+        tails = "\n".join(f"--- {w.name}\n{w.log_tail(10)}" for w in self.workers)
+        return "\n".join(lines[:20]) + "\n" + tails
 
     async def _scalar(self, statement: Any) -> int:
         async with session_scope(self.settings.database_url) as session:

@@ -81,10 +81,12 @@ class FakeSendGrid:
 
     It books every message it accepts by our ``nurture_message_id``. ``storm(answers)``
     makes the next requests fail with those statuses (429s carry ``Retry-After``);
-    ``hold()`` keeps requests waiting (a send in flight) until ``release()``.
+    ``hold()`` keeps requests waiting (a send in flight) until ``release()``; ``latency``
+    seconds pass before each message is accepted (a slow provider).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
         self.accepted: Counter[str] = Counter()
         self.refused = 0
         self.in_flight = 0
@@ -114,6 +116,7 @@ class FakeSendGrid:
                     self.wfile.write(payload)
                     return
                 fake._gate.wait(120)
+                time.sleep(fake.latency)
                 message_id = _message_id(json.loads(body))
                 with fake._lock:
                     # Accepted once fully received, whether or not the sender hears back.
