@@ -277,17 +277,12 @@ async def start_unstarted(
                     properties=event.properties,
                     occurred_at=event.occurred_at.isoformat(),
                 )
-        # An earlier run under this workflow id (a re-entry) must not be attached to.
-        earlier = (
-            await session.exec(
-                select(Enrollment.id)
-                .where(Enrollment.workflow_id == enrollment.workflow_id)
-                .where(Enrollment.id != enrollment.id)
-            )
-        ).first()
+        # Not as a re-entry even when it is one: the previous run ended before this row was
+        # written, longer ago than ``older_than``, and the API's own start may be racing
+        # this one (attaching to it is right; failing on it would wait for it to close).
         await _start(
             session, temporal, settings, journey, version, enrollment, enrollment.trigger,
-            trigger_signal, reentry=earlier is not None,
+            trigger_signal, reentry=False,
         )  # fmt: skip
         await session.refresh(enrollment)
         if enrollment.run_id is None:

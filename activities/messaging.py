@@ -159,8 +159,8 @@ class MessagingActivities:
                 MessageStatus.unconfirmed,
                 f"an earlier attempt may have reached {provider.name}; not sent again",
             )
-        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
-
+        # Read before the message is marked sending: a failure here (the database down)
+        # leaves it pending, provably not handed over, so the retry sends it.
         async with session_scope(self.database_url) as session:
             contact = await session.get(Contact, message.contact_id)
             template = (
@@ -168,6 +168,7 @@ class MessagingActivities:
             ).first()
         if contact is None or template is None or not message.to_address:
             return await self._fail(message, "contact or template vanished before the send")
+        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
         context = render_context(
             snapshot(contact).__dict__,
             {
