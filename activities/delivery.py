@@ -95,10 +95,13 @@ async def or_defer(
     try:
         return await work()
     except Exception as err:
-        if not isinstance(err, RPCError) and not temporal_unavailable(err):
+        deferrable = isinstance(err, RPCError | JourneyNotStarted) or temporal_unavailable(err)
+        if not deferrable:
             raise
         await session.rollback()
-        if temporal_unavailable(err):
+        if isinstance(err, JourneyNotStarted):
+            log.info("%s; %s left for the inbox drain", err, what)
+        elif temporal_unavailable(err):
             _paused_until[temporal] = time.monotonic() + OUTAGE_PAUSE_SECONDS
             log.warning("Temporal unreachable (%s); %s left for the inbox drain", err, what)
         else:
@@ -109,13 +112,20 @@ async def or_defer(
 async def _signal_active(
     session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
 ) -> int:
-    """Send a signal to every active enrollment matching ``where``; return how many got it."""
-    query = select(Enrollment.workflow_id).where(Enrollment.status == EnrollmentStatus.active)
+    """Send a signal to every active enrollment matching ``where``; return how many got it.
+
+    An event for a journey not started yet raises ``JourneyNotStarted`` (it would be
+    missed); other signals are skipped, as a journey reads the contact and the journey's
+    status when it starts."""
+    query = select(Enrollment.workflow_id, Enrollment.run_id).where(
+        Enrollment.status == EnrollmentStatus.active
+    )
     for name, value in where.items():
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
-    for workflow_id in (await session.exec(query)).all():
-        if await _signal(temporal, workflow_id, signal_name, arg):
+    for workflow_id, run_id in (await session.exec(query)).all():
+        started = run_id is not None or signal_name != "event"
+        if await _signal(temporal, workflow_id, signal_name, arg, started=started):
             delivered += 1
     return delivered
 
@@ -334,24 +344,30 @@ async def deliver_events(
     if not events:
         return 0
     contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
-    running: dict[uuid.UUID, list[str]] = defaultdict(list)
+    running: dict[uuid.UUID, list[tuple[str, bool]]] = defaultdict(list)
     for start in range(0, len(contact_ids), _CHUNK):
         rows = await session.exec(
-            select(Enrollment.contact_id, Enrollment.workflow_id)
+            select(Enrollment.contact_id, Enrollment.workflow_id, Enrollment.run_id)
             .where(Enrollment.status == EnrollmentStatus.active)
             .where(
                 col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
             )
         )
-        for contact_id, workflow_id in rows.all():
-            running[contact_id].append(workflow_id)
+        for contact_id, workflow_id, run_id in rows.all():
+            running[contact_id].append((workflow_id, run_id is not None))
     delivered = 0
+    waiting: set[uuid.UUID] = set()
     for event in events:
-        for workflow_id in running.get(event.contact_id, []) if event.contact_id else []:
-            if await _signal(temporal, workflow_id, "event", event_signal(event)):
-                delivered += 1
+        for workflow_id, started in running.get(event.contact_id, []) if event.contact_id else []:
+            try:
+                if await _signal(
+                    temporal, workflow_id, "event", event_signal(event), started=started
+                ):
+                    delivered += 1
+            except JourneyNotStarted:
+                waiting.add(event.id)  # left undelivered: the inbox drain retries it
     now = utcnow()
-    ids = [e.id for e in events]
+    ids = [e.id for e in events if e.id not in waiting]
     for start in range(0, len(ids), _CHUNK):
         await (await session.connection()).execute(
             sa.update(Event)
@@ -379,12 +395,23 @@ def _uuids(values: Sequence[uuid.UUID]) -> Any:
     return sa.bindparam(None, list(values), type_=ARRAY(sa.Uuid))
 
 
-async def _signal(temporal: Client, workflow_id: str, name: str, arg: Any) -> bool:
+class JourneyNotStarted(Exception):
+    """An active enrollment's workflow was not found and it has no run id: its start failed
+    (Temporal was down) or is under way. The event must stay undelivered until it runs."""
+
+
+async def _signal(
+    temporal: Client, workflow_id: str, name: str, arg: Any, *, started: bool = True
+) -> bool:
+    """Signal one journey; False if its run already closed. ``started`` False (no run id
+    recorded yet) makes a missing workflow raise ``JourneyNotStarted`` instead."""
     try:
         await temporal.get_workflow_handle(workflow_id).signal(name, arg)
         return True
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:
             raise
+        if not started:
+            raise JourneyNotStarted(f"journey {workflow_id} has not started yet") from None
         log.info("workflow %s already closed; %s not delivered", workflow_id, name)
         return False

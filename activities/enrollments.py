@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert
@@ -40,6 +41,7 @@ from models.tables import (
     Contact,
     Enrollment,
     EnrollmentStatus,
+    Event,
     Journey,
     JourneyStatus,
     JourneyVersion,
@@ -118,6 +120,8 @@ async def enroll(
             run_key=run_key,
             workflow_id=journey_workflow_id(journey.key, str(contact.id), run_key),
             status=EnrollmentStatus.active,
+            trigger=trigger,
+            trigger_event_id=uuid.UUID(trigger_signal.event_id) if trigger_signal else None,
             started_at=utcnow(),
         )
         .on_conflict_do_nothing()
@@ -225,6 +229,72 @@ async def _start(
             await session.commit()
         return
     raise RuntimeError(f"the previous run of {enrollment.workflow_id} did not close in time")
+
+
+async def start_unstarted(
+    session: AsyncSession,
+    temporal: Client,
+    settings: Settings,
+    *,
+    older_than: timedelta,
+    limit: int,
+) -> list[uuid.UUID]:
+    """Start the runs of active enrollments whose workflow never started (Temporal was down
+    when they were enrolled and nobody retried); return their ids.
+
+    An enrollment with no run id is either not started or started by a process that died
+    before recording it; starting again under the same workflow id attaches to a live run
+    (``USE_EXISTING``), so this is safe to repeat. Each row is claimed alone with ``SKIP
+    LOCKED`` and its run id committed with the claim, so drains on many hosts never start
+    the same one twice. A run enrolled by an event gets that event again.
+    """
+    started: list[uuid.UUID] = []
+    while len(started) < limit:
+        enrollment = (
+            await session.exec(
+                select(Enrollment)
+                .where(Enrollment.status == EnrollmentStatus.active)
+                .where(col(Enrollment.run_id).is_(None))
+                .where(col(Enrollment.started_at) < utcnow() - older_than)
+                .where(col(Enrollment.id).not_in(started))
+                .order_by(col(Enrollment.started_at))
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+        ).first()
+        if enrollment is None:
+            break
+        journey = await session.get(Journey, enrollment.journey_id)
+        version = await session.get(JourneyVersion, enrollment.journey_version_id)
+        assert journey is not None and version is not None
+        trigger_signal = None
+        if enrollment.trigger_event_id is not None:
+            event = await session.get(Event, enrollment.trigger_event_id)
+            if event is not None:
+                trigger_signal = EventSignal(
+                    event_id=str(event.id),
+                    name=event.name,
+                    properties=event.properties,
+                    occurred_at=event.occurred_at.isoformat(),
+                )
+        # Not as a re-entry even when it is one: the previous run ended before this row was
+        # written, longer ago than ``older_than``, and the API's own start may be racing
+        # this one (attaching to it is right; failing on it would wait for it to close).
+        await _start(
+            session, temporal, settings, journey, version, enrollment, enrollment.trigger,
+            trigger_signal, reentry=False,
+        )  # fmt: skip
+        await session.refresh(enrollment)
+        if enrollment.run_id is None:
+            # The run already ended (terminated by hand): record it, so it is not retried
+            # and its events count it as closed.
+            described = await temporal.get_workflow_handle(enrollment.workflow_id).describe()
+            enrollment.run_id = described.run_id
+            session.add(enrollment)
+        await session.commit()
+        log.info("started the run of enrollment %s, which had not started", enrollment.id)
+        started.append(enrollment.id)
+    return started
 
 
 class EnrollmentActivities:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Coroutine
 from datetime import datetime, timedelta
 from html import escape
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.contacts import snapshot
 from activities.providers import (
@@ -55,6 +57,12 @@ from models.tables import (
     utcnow,
 )
 from settings import Settings
+
+T = TypeVar("T")
+# Well inside the send activity's heartbeat timeout (workflows/journey.py SEND_HEARTBEAT).
+HEARTBEAT_SECONDS = 2.0
+# A provider's Retry-After is honoured up to this; longer asks are retried sooner.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 def email_provider(settings: Settings) -> EmailProvider:
@@ -123,11 +131,11 @@ class MessagingActivities:
 
     @activity.defn(name="send_email")
     async def send_email(self, input: SendMessageInput) -> SendMessageResult:
-        return await self._send(MessageChannel.email, input)
+        return await _heartbeating(self._send(MessageChannel.email, input))
 
     @activity.defn(name="send_sms")
     async def send_sms(self, input: SendMessageInput) -> SendMessageResult:
-        return await self._send(MessageChannel.sms, input)
+        return await _heartbeating(self._send(MessageChannel.sms, input))
 
     async def _send(self, channel: MessageChannel, input: SendMessageInput) -> SendMessageResult:
         async with session_scope(self.database_url) as session:
@@ -151,8 +159,8 @@ class MessagingActivities:
                 MessageStatus.unconfirmed,
                 f"an earlier attempt may have reached {provider.name}; not sent again",
             )
-        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
-
+        # Read before the message is marked sending: a failure here (the database down)
+        # leaves it pending, provably not handed over, so the retry sends it.
         async with session_scope(self.database_url) as session:
             contact = await session.get(Contact, message.contact_id)
             template = (
@@ -160,6 +168,7 @@ class MessagingActivities:
             ).first()
         if contact is None or template is None or not message.to_address:
             return await self._fail(message, "contact or template vanished before the send")
+        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
         context = render_context(
             snapshot(contact).__dict__,
             {
@@ -178,6 +187,14 @@ class MessagingActivities:
             if not err.may_have_reached:
                 # Provably not accepted: the retry may call the provider again.
                 await self._set_status(message, MessageStatus.pending, MessageStatus.sending)
+            if err.retry_after is not None:
+                # The provider said when to come back (a rate limit): retry then, not sooner.
+                wait = min(err.retry_after, MAX_RETRY_AFTER_SECONDS)
+                raise ApplicationError(
+                    str(err),
+                    type=type(err).__name__,
+                    next_retry_delay=timedelta(seconds=max(wait, 1.0)),
+                ) from err
             raise
         async with session_scope(self.database_url) as session:
             stored = await session.get(Message, message.id)
@@ -348,6 +365,23 @@ class MessagingActivities:
             stored.status, stored.error, stored.failed_at = MessageStatus.failed, error, utcnow()
             session.add(stored)
         return SendMessageResult(str(message.id), MessageStatus.failed, error)
+
+
+async def _heartbeating(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, heartbeating every ``HEARTBEAT_SECONDS``: a worker that dies mid-send is
+    noticed when its heartbeats stop (the workflow's heartbeat timeout), not at the end of
+    the minute the send may take, so another worker retries it soon."""
+    if not activity.in_activity():
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+            if done:
+                return task.result()
+            activity.heartbeat()
+    finally:
+        task.cancel()
 
 
 async def _message_by_key(session: AsyncSession, key: str) -> Message | None:

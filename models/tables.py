@@ -129,6 +129,12 @@ class Event(SQLModel, table=True):
     received_at: datetime = _ts(nullable=False, default_now=True)
     source: str = Field(default="api", max_length=32)
     delivered_at: datetime | None = _ts()
+    # The inbox drain's bookkeeping for an event it could not deliver (activities/inbox.py):
+    # tries so far, the last failure, when to try next, and when it gave up (parked).
+    delivery_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    delivery_error: str | None = None
+    next_delivery_at: datetime | None = _ts()
+    delivery_parked_at: datetime | None = _ts()
 
 
 class TemplateChannel(StrEnum):
@@ -209,6 +215,12 @@ class Enrollment(SQLModel, table=True):
         ),
         sa.Index("ix_enrollments_contact_status", "contact_id", "status"),
         sa.Index("ix_enrollments_journey_status", "journey_id", "status"),
+        # The inbox drain looks for runs that never started every few seconds.
+        sa.Index(
+            "ix_enrollments_unstarted",
+            "started_at",
+            postgresql_where=sa.text("status = 'active' AND run_id IS NULL"),
+        ),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -227,6 +239,8 @@ class Enrollment(SQLModel, table=True):
     exit_reason: str | None = Field(default=None, max_length=200)
     goal: str | None = Field(default=None, max_length=500)
     trigger_event_id: uuid.UUID | None = None
+    # The trigger the run was enrolled with, so a start that failed can be finished later.
+    trigger: dict[str, Any] | None = Field(default=None, sa_type=JSONB, nullable=True)
     started_at: datetime = _ts(nullable=False, default_now=True)
     ended_at: datetime | None = _ts()
 

@@ -108,6 +108,8 @@ SEND_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=10),
 )
+# A send heartbeats (activities/messaging.py): a worker that died mid-send is noticed this soon.
+SEND_HEARTBEAT = timedelta(seconds=10)
 WEBHOOK_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=5),
     backoff_coefficient=2.0,
@@ -574,6 +576,7 @@ class JourneyWorkflow:
                     ),
                     start_to_close_timeout=timedelta(seconds=60),
                     schedule_to_close_timeout=timedelta(days=1),
+                    heartbeat_timeout=SEND_HEARTBEAT,
                     retry_policy=SEND_RETRY,
                     summary=f"{'Email' if channel == 'email' else 'SMS'} '{template}' "
                     f"to contact {self.input.contact_id} (step {step.id})",

@@ -8,6 +8,8 @@ that must be retried from one that never will go.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from activities.providers.outbox import OutgoingEmail, OutgoingSms
@@ -18,12 +20,33 @@ class ProviderRetryable(Exception):
 
     Left to propagate from the activity, so Temporal retries it. ``may_have_reached``
     says the request may have been accepted all the same (a timeout or a reset after
-    sending): then the message is never handed over a second time.
+    sending): then the message is never handed over a second time. ``retry_after`` is
+    the wait in seconds the provider asked for (``Retry-After``), honoured by the retry.
     """
 
-    def __init__(self, detail: str, *, may_have_reached: bool = False) -> None:
+    def __init__(
+        self, detail: str, *, may_have_reached: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.may_have_reached = may_have_reached
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header (seconds, or an HTTP date) as seconds from now; None if
+    absent or unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def may_have_reached(err: BaseException) -> bool:

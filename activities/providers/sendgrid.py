@@ -14,7 +14,12 @@ from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import Category, CustomArg, Header, Mail
 
-from activities.providers import ProviderRejected, ProviderRetryable, may_have_reached
+from activities.providers import (
+    ProviderRejected,
+    ProviderRetryable,
+    may_have_reached,
+    retry_after_seconds,
+)
 from activities.providers.outbox import OutgoingEmail
 
 DEFAULT_BASE_URL = "https://api.sendgrid.com"
@@ -60,7 +65,10 @@ class SendGridEmailProvider:
             status = int(err.status_code)
             detail = f"SendGrid answered HTTP {status}: {_error_text(err.body)}"
             if status == 429 or status >= 500:
-                raise ProviderRetryable(detail) from None
+                headers = err.headers or {}
+                raise ProviderRetryable(
+                    detail, retry_after=retry_after_seconds(headers.get("Retry-After"))
+                ) from None
             raise ProviderRejected(detail) from None
         except OSError as err:  # refused, reset, timed out, DNS: try again later
             raise ProviderRetryable(
