@@ -1,7 +1,7 @@
 """split tests and assignments
 
 Revision ID: 0009
-Revises: 0003
+Revises: 0007
 Create Date: 2026-11-22 17:08:27.766036
 
 """
@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision: str = "0009"
-down_revision: str | Sequence[str] | None = "0003"
+down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
