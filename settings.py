@@ -152,6 +152,27 @@ class Settings(BaseSettings):
         description="Comma-separated hosts or CIDR ranges outbound calls (webhook steps, CRM "
         "adapters) may reach although private or loopback. Empty: only public addresses.",
     )
+    # Performance (bench/): what a run costs Temporal, and how a worker uses its machine.
+    step_search_attribute: bool = Field(
+        default=False,
+        description="Keep the NurtureStep search attribute current at every step (one "
+        "billable Temporal action per step). Off: the step shows in the run's current details.",
+    )
+    worker_max_cached_workflows: int = Field(
+        default=10_000, ge=0, description="Journey runs a worker keeps in memory (sticky cache)."
+    )
+    worker_max_concurrent_workflow_tasks: int = Field(
+        default=200, ge=1, description="Workflow tasks a worker runs at once."
+    )
+    worker_max_concurrent_activities: int = Field(
+        default=200, ge=1, description="Activities a worker runs at once."
+    )
+    worker_workflow_task_pollers: int = Field(
+        default=10, ge=2, description="Concurrent workflow task polls of a worker."
+    )
+    worker_activity_task_pollers: int = Field(
+        default=10, ge=1, description="Concurrent activity task polls of a worker."
+    )
 
     @property
     def outbox_path(self) -> Path:

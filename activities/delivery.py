@@ -32,6 +32,7 @@ from activities.snapshots import contact_snapshot
 from models.conditions import evaluate
 from models.contracts import ContactChangedSignal, EventSignal, JourneyStatusSignal
 from models.journey import parse_journey
+from models.listening import Listening, listening_of
 from models.tables import (
     Contact,
     Enrollment,
@@ -107,17 +108,39 @@ async def or_defer(
 
 
 async def _signal_active(
-    session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
+    session: AsyncSession,
+    temporal: Client,
+    signal_name: str,
+    arg: Any,
+    hears: Callable[[Listening], bool] | None = None,
+    **where: Any,
 ) -> int:
-    """Send a signal to every active enrollment matching ``where``; return how many got it."""
-    query = select(Enrollment.workflow_id).where(Enrollment.status == EnrollmentStatus.active)
+    """Send a signal to every active enrollment matching ``where`` whose journey version
+    ``hears`` it (None: all); return how many got it."""
+    query = select(Enrollment.workflow_id, Enrollment.journey_version_id).where(
+        Enrollment.status == EnrollmentStatus.active
+    )
     for name, value in where.items():
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
-    for workflow_id in (await session.exec(query)).all():
+    for workflow_id, version_id in (await session.exec(query)).all():
+        if hears is not None and not hears(await listening(session, version_id)):
+            continue
         if await _signal(temporal, workflow_id, signal_name, arg):
             delivered += 1
     return delivered
+
+
+_listening: dict[uuid.UUID, Listening] = {}
+
+
+async def listening(session: AsyncSession, version_id: uuid.UUID) -> Listening:
+    """What runs of this journey version act on; versions are immutable, so it is cached."""
+    if version_id not in _listening:
+        version = await session.get(JourneyVersion, version_id)
+        assert version is not None
+        _listening[version_id] = listening_of(parse_journey(version.document))
+    return _listening[version_id]
 
 
 def event_signal(event: Event) -> EventSignal:
@@ -137,7 +160,7 @@ async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -
     if event.contact_id is None:
         return 0
     delivered = await _signal_active(
-        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+        session, temporal, "event", event_signal(event), _hears(event), contact_id=event.contact_id
     )
     event.delivered_at = utcnow()
     session.add(event)
@@ -205,11 +228,13 @@ async def start_triggered(
 
 
 async def notify_contact_changed(session: AsyncSession, temporal: Client, contact: Contact) -> int:
+    """Tell the contact's running journeys that read the profile between reads of their own."""
     return await _signal_active(
         session,
         temporal,
         "contact_changed",
         ContactChangedSignal(await contact_snapshot(session, contact)),
+        lambda listens: listens.contact_changes,
         contact_id=contact.id,
     )
 
@@ -238,7 +263,7 @@ async def signal_and_start(
     if event.contact_id is None:
         return 0
     delivered = await _signal_active(
-        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+        session, temporal, "event", event_signal(event), _hears(event), contact_id=event.contact_id
     )
     return delivered + len(await start_triggered(session, temporal, settings, event))
 
@@ -334,20 +359,24 @@ async def deliver_events(
     if not events:
         return 0
     contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
-    running: dict[uuid.UUID, list[str]] = defaultdict(list)
+    running: dict[uuid.UUID, list[tuple[str, uuid.UUID]]] = defaultdict(list)
     for start in range(0, len(contact_ids), _CHUNK):
         rows = await session.exec(
-            select(Enrollment.contact_id, Enrollment.workflow_id)
+            select(Enrollment.contact_id, Enrollment.workflow_id, Enrollment.journey_version_id)
             .where(Enrollment.status == EnrollmentStatus.active)
             .where(
                 col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
             )
         )
-        for contact_id, workflow_id in rows.all():
-            running[contact_id].append(workflow_id)
+        for contact_id, workflow_id, version_id in rows.all():
+            running[contact_id].append((workflow_id, version_id))
     delivered = 0
     for event in events:
-        for workflow_id in running.get(event.contact_id, []) if event.contact_id else []:
+        for workflow_id, version_id in (
+            running.get(event.contact_id, []) if event.contact_id else []
+        ):
+            if not (await listening(session, version_id)).hears(event.name):
+                continue
             if await _signal(temporal, workflow_id, "event", event_signal(event)):
                 delivered += 1
     now = utcnow()
@@ -373,6 +402,10 @@ async def deliver_events(
         if event.name in triggered:
             delivered += len(await start_triggered(session, temporal, settings, event))
     return delivered
+
+
+def _hears(event: Event) -> Callable[[Listening], bool]:
+    return lambda listens: listens.hears(event.name)
 
 
 def _uuids(values: Sequence[uuid.UUID]) -> Any:

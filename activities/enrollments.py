@@ -21,6 +21,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from activities.snapshots import contact_snapshot
 from models.contracts import (
     SA_CONTACT,
     SA_JOURNEY,
@@ -97,7 +98,7 @@ async def enroll(
         assert started_on is not None
         await _start(
             session, temporal, settings, journey, started_on, latest, trigger, trigger_signal,
-            reentry=False,
+            reentry=False, contact=contact,
         )  # fmt: skip
         return latest, False
     if latest is not None:
@@ -130,7 +131,7 @@ async def enroll(
     if created:
         await _start(
             session, temporal, settings, journey, version, current, trigger, trigger_signal,
-            reentry=latest is not None,
+            reentry=latest is not None, contact=contact,
         )  # fmt: skip
         await session.refresh(current)
     return current, created
@@ -161,10 +162,12 @@ async def _start(
     trigger_signal: EventSignal | None,
     *,
     reentry: bool,
+    contact: Contact,
 ) -> None:
     from workflows.journey import JourneyWorkflow
 
     document = parse_journey(version.document)
+    view = await contact_snapshot(session, contact)
     options: dict[str, Any] = {}
     if trigger_signal is not None:
         options = {"start_signal": "event", "start_signal_args": [trigger_signal]}
@@ -187,6 +190,8 @@ async def _start(
                     contact_id=str(enrollment.contact_id),
                     trigger=trigger,
                     run_key=enrollment.run_key,
+                    contact=view,
+                    step_search_attribute=settings.step_search_attribute,
                 ),
                 id=enrollment.workflow_id,
                 task_queue=settings.task_queue,

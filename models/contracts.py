@@ -91,6 +91,11 @@ class JourneyInput:
     state: JourneyState | None = None
     run_key: str = ""
     history_budget: int = 5_000
+    # The contact as enrollment read it: saves the run an activity to read it again.
+    contact: ContactSnapshot | None = None
+    # Upsert NurtureStep at every step (one billable action each). Runs started before
+    # this field existed decode with True, so their histories replay unchanged.
+    step_search_attribute: bool = True
 
 
 @dataclass

@@ -142,7 +142,10 @@ class JourneyWorkflow:
 
     @workflow.run
     async def run(self, input: JourneyInput) -> JourneyResult:
-        if self.state.contact is None and workflow.patched("load-contact-at-start"):
+        if self.state.contact is None and self.input.contact is not None:
+            self.state.contact = self.input.contact
+            self._check_goal(None)
+        elif self.state.contact is None and workflow.patched("load-contact-at-start"):
             await self._load_contact("Read the contact")
             self._check_goal(None)
         steps_without_wait = 0
@@ -342,7 +345,8 @@ class JourneyWorkflow:
 
     def _show(self, step: Step) -> None:
         """Keep the Temporal UI's search attributes and current details in plain words."""
-        workflow.upsert_search_attributes([SA_STEP.value_set(step.id)])
+        if self.input.step_search_attribute:
+            workflow.upsert_search_attributes([SA_STEP.value_set(step.id)])
         self._details(f"step **{step.label or step.id}** ({step.type})")
 
     def _details(self, where: str) -> None:
