@@ -153,10 +153,11 @@ class Settings(BaseSettings):
         "adapters) may reach although private or loopback. Empty: only public addresses.",
     )
     # Performance (bench/): what a run costs Temporal, and how a worker uses its machine.
-    step_search_attribute: bool = Field(
+    progress_search_attributes: bool = Field(
         default=False,
-        description="Keep the NurtureStep search attribute current at every step (one "
-        "billable Temporal action per step). Off: the step shows in the run's current details.",
+        description="Keep the NurtureStep and NurtureStatus search attributes current (one "
+        "billable Temporal action per step and one at the end). Off: the step shows in the "
+        "run's current details, the outcome in its result and the enrollment.",
     )
     worker_max_cached_workflows: int = Field(
         default=10_000, ge=0, description="Journey runs a worker keeps in memory (sticky cache)."

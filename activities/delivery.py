@@ -113,10 +113,11 @@ async def _signal_active(
     signal_name: str,
     arg: Any,
     hears: Callable[[Listening], bool] | None = None,
+    skip: str | None = None,
     **where: Any,
 ) -> int:
     """Send a signal to every active enrollment matching ``where`` whose journey version
-    ``hears`` it (None: all); return how many got it."""
+    ``hears`` it (None: all), except workflow ``skip``; return how many got it."""
     query = select(Enrollment.workflow_id, Enrollment.journey_version_id).where(
         Enrollment.status == EnrollmentStatus.active
     )
@@ -124,7 +125,9 @@ async def _signal_active(
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
     for workflow_id, version_id in (await session.exec(query)).all():
-        if hears is not None and not hears(await listening(session, version_id)):
+        if workflow_id == skip or (
+            hears is not None and not hears(await listening(session, version_id))
+        ):
             continue
         if await _signal(temporal, workflow_id, signal_name, arg):
             delivered += 1
@@ -227,14 +230,18 @@ async def start_triggered(
     return started
 
 
-async def notify_contact_changed(session: AsyncSession, temporal: Client, contact: Contact) -> int:
-    """Tell the contact's running journeys that read the profile between reads of their own."""
+async def notify_contact_changed(
+    session: AsyncSession, temporal: Client, contact: Contact, skip: str | None = None
+) -> int:
+    """Tell the contact's running journeys that read the profile between reads of their own
+    (``skip``: the journey that made the change, which has the result already)."""
     return await _signal_active(
         session,
         temporal,
         "contact_changed",
         ContactChangedSignal(await contact_snapshot(session, contact)),
         lambda listens: listens.contact_changes,
+        skip,
         contact_id=contact.id,
     )
 
@@ -324,6 +331,7 @@ async def dispatch_contact_changes(
     *,
     event_names: Collection[str] | None = None,
     profile_changed: bool = False,
+    changed_by: str | None = None,
 ) -> AudienceChanges:
     """After contacts changed (``profile_changed``: attributes, tags, score...) or got
     events (``event_names``): refresh their scores, stages and segments, tell their running
@@ -345,7 +353,7 @@ async def dispatch_contact_changes(
     for contact_id in notify:
         contact = await session.get(Contact, contact_id)
         if contact is not None and contact.erased_at is None:
-            await notify_contact_changed(session, temporal, contact)
+            await notify_contact_changed(session, temporal, contact, changed_by)
     await deliver_events(session, temporal, settings, changes.derived_events)
     return changes
 

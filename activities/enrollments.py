@@ -168,6 +168,14 @@ async def _start(
 
     document = parse_journey(version.document)
     view = await contact_snapshot(session, contact)
+    attributes: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(SA_JOURNEY, journey.key),
+        SearchAttributePair(SA_VERSION, version.version),
+        SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
+    ]
+    if settings.progress_search_attributes:
+        # Set only when kept current: a stale "active" would mislead a search.
+        attributes.append(SearchAttributePair(SA_STATUS, "active"))
     options: dict[str, Any] = {}
     if trigger_signal is not None:
         options = {"start_signal": "event", "start_signal_args": [trigger_signal]}
@@ -191,20 +199,13 @@ async def _start(
                     trigger=trigger,
                     run_key=enrollment.run_key,
                     contact=view,
-                    step_search_attribute=settings.step_search_attribute,
+                    progress_search_attributes=settings.progress_search_attributes,
                 ),
                 id=enrollment.workflow_id,
                 task_queue=settings.task_queue,
                 id_conflict_policy=conflict,
                 id_reuse_policy=reuse,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(SA_JOURNEY, journey.key),
-                        SearchAttributePair(SA_VERSION, version.version),
-                        SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
-                        SearchAttributePair(SA_STATUS, "active"),
-                    ]
-                ),
+                search_attributes=TypedSearchAttributes(attributes),
                 static_summary=(
                     f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}"
                 ),

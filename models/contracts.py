@@ -93,9 +93,9 @@ class JourneyInput:
     history_budget: int = 5_000
     # The contact as enrollment read it: saves the run an activity to read it again.
     contact: ContactSnapshot | None = None
-    # Upsert NurtureStep at every step (one billable action each). Runs started before
-    # this field existed decode with True, so their histories replay unchanged.
-    step_search_attribute: bool = True
+    # Keep NurtureStep and NurtureStatus current (one billable action per step, one at the
+    # end). Runs started before this field existed decode with True and replay unchanged.
+    progress_search_attributes: bool = True
 
 
 @dataclass

@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.enrollments import EnrollmentActivities
     from activities.messaging import MessagingActivities
     from activities.webhooks import WebhookActivities
-    from models.conditions import Condition, evaluate
+    from models.conditions import Condition, evaluate, inputs_of
     from models.contracts import (
         SA_STATUS,
         SA_STEP,
@@ -187,7 +187,8 @@ class JourneyWorkflow:
 
         if self.state.status == "active":
             self.state.status = "completed"
-        workflow.upsert_search_attributes([SA_STATUS.value_set(self.state.status)])
+        if self.input.progress_search_attributes:
+            workflow.upsert_search_attributes([SA_STATUS.value_set(self.state.status)])
         workflow.set_current_details(f"**{self.state.status}** {self.state.exit_reason or ''}")
         await workflow.execute_activity_method(
             EnrollmentActivities.finish_enrollment,
@@ -345,7 +346,7 @@ class JourneyWorkflow:
 
     def _show(self, step: Step) -> None:
         """Keep the Temporal UI's search attributes and current details in plain words."""
-        if self.input.step_search_attribute:
+        if self.input.progress_search_attributes:
             workflow.upsert_search_attributes([SA_STEP.value_set(step.id)])
         self._details(f"step **{step.label or step.id}** ({step.type})")
 
@@ -569,9 +570,13 @@ class JourneyWorkflow:
         return _Next(goto=step.on_event, outcome=matched[0])
 
     async def _branch(self, step: BranchStep) -> _Next:
-        contact = await self._load_contact(f"Read the contact for branch {step.id}")
-        if not contact.found:
-            return _Next(end="exited", outcome="contact erased")
+        reads = [inputs_of(case.if_) for case in step.cases]
+        if any(i.profile or i.segments for i in reads) or not workflow.patched(
+            "branch-reads-contact-only-for-profile"
+        ):
+            contact = await self._load_contact(f"Read the contact for branch {step.id}")
+            if not contact.found:
+                return _Next(end="exited", outcome="contact erased")
         for number, case in enumerate(step.cases, start=1):
             if self._holds(case.if_):
                 return _Next(goto=case.goto, outcome=f"case {number} -> {case.goto}")
