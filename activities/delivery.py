@@ -11,6 +11,7 @@ retries it, so ``or_defer`` lets the API acknowledge a stored event while Tempor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -47,6 +48,8 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 _CHUNK = 10_000
+# Contacts signalled at once when a batch of events is delivered.
+SIGNAL_LANES = 32
 T = TypeVar("T")
 # Statuses that say Temporal (or the way to it) is failing, not that the request was wrong.
 TRANSIENT_STATUSES = frozenset(
@@ -309,13 +312,22 @@ async def dispatch_event(
 async def dispatch_undelivered(
     session: AsyncSession, temporal: Client, settings: Settings, events: Sequence[Event]
 ) -> None:
-    """Dispatch stored events in order, each marked delivered as it goes, then refresh
-    their contacts once (a provider batch touches many events of few contacts). Commits."""
-    for event in events:
-        await signal_and_start(session, temporal, settings, event)
-        event.delivered_at = utcnow()
-        session.add(event)
-        await session.commit()
+    """Dispatch stored events, then refresh their contacts once (a provider batch touches
+    many events of few contacts). Commits.
+
+    A batch in which no event starts a journey goes in bulk (``deliver_events``: one query,
+    contacts signalled in parallel, each contact's events in order); otherwise the events go
+    in order one by one, each marked delivered as it goes, so that an event after a trigger
+    reaches the run that trigger started.
+    """
+    if await _active_triggers(session, {e.name for e in events}):
+        for event in events:
+            await signal_and_start(session, temporal, settings, event)
+            event.delivered_at = utcnow()
+            session.add(event)
+            await session.commit()
+    else:
+        await deliver_events(session, temporal, settings, events)
     contact_ids = {e.contact_id for e in events if e.contact_id is not None}
     if contact_ids:
         await dispatch_contact_changes(
@@ -378,15 +390,31 @@ async def deliver_events(
         )
         for contact_id, workflow_id, version_id in rows.all():
             running[contact_id].append((workflow_id, version_id))
-    delivered = 0
+    hearing = {v: await listening(session, v) for runs in running.values() for _, v in runs}
+    by_contact: dict[uuid.UUID, list[Event]] = defaultdict(list)
     for event in events:
-        for workflow_id, version_id in (
-            running.get(event.contact_id, []) if event.contact_id else []
-        ):
-            if not (await listening(session, version_id)).hears(event.name):
-                continue
-            if await _signal(temporal, workflow_id, "event", event_signal(event)):
-                delivered += 1
+        if event.contact_id is not None:
+            by_contact[event.contact_id].append(event)
+    lanes = asyncio.Semaphore(SIGNAL_LANES)
+
+    async def signal_contact(contact_id: uuid.UUID) -> int:
+        got = 0
+        async with lanes:
+            for event in by_contact[contact_id]:  # in order, for each contact
+                for workflow_id, version_id in running[contact_id]:
+                    if hearing[version_id].hears(event.name) and await _signal(
+                        temporal, workflow_id, "event", event_signal(event)
+                    ):
+                        got += 1
+        return got
+
+    results = await asyncio.gather(
+        *(signal_contact(c) for c in by_contact if c in running), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result  # the first failure, as a sequential delivery would have raised
+    delivered = sum(r for r in results if isinstance(r, int))
     now = utcnow()
     ids = [e.id for e in events]
     for start in range(0, len(ids), _CHUNK):
@@ -396,20 +424,21 @@ async def deliver_events(
             .values(delivered_at=now)
         )
     await session.commit()
-    names = {e.name for e in events}
-    triggered = set(
-        (
-            await session.exec(
-                select(Journey.trigger_event)
-                .where(col(Journey.trigger_event).in_(names))
-                .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
-            )
-        ).all()
-    )
+    triggered = await _active_triggers(session, {e.name for e in events})
     for event in events:
         if event.name in triggered:
             delivered += len(await start_triggered(session, temporal, settings, event))
     return delivered
+
+
+async def _active_triggers(session: AsyncSession, names: Collection[str]) -> set[str]:
+    """Which of these event names start a journey that takes contacts."""
+    rows = await session.exec(
+        select(Journey.trigger_event)
+        .where(col(Journey.trigger_event).in_(names))
+        .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
+    )
+    return {name for name in rows.all() if name is not None}
 
 
 def _hears(event: Event) -> Callable[[Listening], bool]:
