@@ -163,16 +163,19 @@ class Settings(BaseSettings):
         default=10_000, ge=0, description="Journey runs a worker keeps in memory (sticky cache)."
     )
     worker_max_concurrent_workflow_tasks: int = Field(
-        default=200, ge=1, description="Workflow tasks a worker runs at once."
+        default=50,
+        ge=1,
+        description="Workflow tasks a worker runs at once. A Python worker is bound to one "
+        "core: more only queues work in its event loop until tasks time out.",
     )
     worker_max_concurrent_activities: int = Field(
-        default=200, ge=1, description="Activities a worker runs at once."
+        default=50, ge=1, description="Activities a worker runs at once."
     )
     worker_workflow_task_pollers: int = Field(
-        default=10, ge=2, description="Concurrent workflow task polls of a worker."
+        default=5, ge=2, description="Concurrent workflow task polls of a worker."
     )
     worker_activity_task_pollers: int = Field(
-        default=10, ge=1, description="Concurrent activity task polls of a worker."
+        default=5, ge=1, description="Concurrent activity task polls of a worker."
     )
 
     @property

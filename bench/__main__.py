@@ -9,7 +9,7 @@ same server, with the ratio as the headline (the machine is shared and noisy).
 - SendGrid batches of signed events through the webhook, end to end, against raw signals;
 - segment count and listing on PostgreSQL (bench/segment_count.py).
 
-Usage: ``python -m bench [--contacts 1500] [--segment-contacts 100000] [--skip segments]``.
+Usage: ``python -m bench [--contacts 1100] [--segment-contacts 100000] [--skip segments]``.
 Uses the PostgreSQL server ``DATABASE_URL`` names (scratch databases, dropped after), else an
 embedded one. Writes bench/results/suite.json.
 """
@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import uuid
@@ -90,17 +91,25 @@ def _cost_row(nurture: RunCost, minimal: RunCost) -> dict[str, Any]:
     }
 
 
+def say(what: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+
+
 async def live(database_url: str, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    async with running_stack(database_url, data_dir) as stack:
+    async with running_stack(database_url, data_dir, args.api_workers) as stack:
         people = await throughput.prepare(stack, args.contacts)
+        say(f"enrolling {len(people)} contacts (raw client first, then the API)")
         enrolled, nurture, baseline = await throughput.enrollment(stack, people, args.concurrency)
         emails = [email for _, email in people]
         timed, batched = emails[: args.latency_events], emails[args.latency_events :]
+        say(f"latency: {len(timed)} events at {args.rate}/s")
         latency = await throughput.latency(stack, timed, nurture, baseline, args.rate)
+        say(f"ingestion: {len(batched)} events in batches of {args.batch}")
         ingestion = await throughput.ingestion(
             stack, batched, nurture, baseline, args.batch, args.concurrency
         )
     return {
+        "api_processes": args.api_workers,
         "enrollment": enrolled,
         "bulk_enrollment": None,  # the bulk endpoint is not on this branch yet
         "latency": latency,
@@ -157,11 +166,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contacts", type=int, default=1500, help="contacts enrolled live")
+    parser.add_argument("--contacts", type=int, default=1100, help="contacts enrolled live")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    parser.add_argument("--latency-events", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=20, help="latency events per second")
+    parser.add_argument("--latency-events", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=10, help="latency events per second")
     parser.add_argument("--batch", type=int, default=1000, help="SendGrid events per request")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (uvicorn)")
     parser.add_argument("--segment-contacts", type=int, default=100_000)
     parser.add_argument("--segment-runs", type=int, default=3)
     parser.add_argument(
@@ -175,12 +185,14 @@ async def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="nurture-bench-") as tmp:
         if "actions" not in args.skip:
+            say("actions per contact, on the time-skipping server")
             async with scratch_database() as url:
                 report["actions"] = await actions(url, Path(tmp) / "actions")
         if "live" not in args.skip:
             async with scratch_database() as url:
                 report.update(await live(url, Path(tmp) / "live", args))
         if "segments" not in args.skip:
+            say(f"segments: {args.segment_contacts} contacts")
             async with scratch_database() as url:
                 report["segments"] = await segment_count.run(
                     url, args.segment_contacts, args.segment_runs

@@ -47,6 +47,24 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def settle(pids: list[int], idle_share: float = 0.05, most_seconds: float = 120) -> None:
+    """Wait until these processes are idle (each under ``idle_share`` of a CPU for a second):
+    work a phase queued (first workflow tasks, sends) must not be charged to the next."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + most_seconds
+    while loop.time() < deadline:
+        before = [cpu_seconds(pid) for pid in pids]
+        await asyncio.sleep(1)
+        if all(cpu_seconds(p) - b < idle_share for p, b in zip(pids, before, strict=True)):
+            return
+
+
 @dataclass
 class Stack:
     database_url: str
@@ -56,6 +74,9 @@ class Stack:
     worker: subprocess.Popen[bytes]
     baseline_worker: subprocess.Popen[bytes]
     sendgrid_key: ec.EllipticCurvePrivateKey
+
+    async def settle(self) -> None:
+        await settle([self.worker.pid, self.baseline_worker.pid])
 
 
 @asynccontextmanager
@@ -110,7 +131,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @asynccontextmanager
-async def running_stack(database_url: str, data_dir: Path) -> AsyncIterator[Stack]:
+async def running_stack(
+    database_url: str, data_dir: Path, api_workers: int = 1
+) -> AsyncIterator[Stack]:
     key = ec.generate_private_key(ec.SECP256R1())
     public = base64.b64encode(
         key.public_key().public_bytes(
@@ -142,6 +165,7 @@ async def running_stack(database_url: str, data_dir: Path) -> AsyncIterator[Stac
         [
             sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning", "--no-access-log",
+            "--workers", str(api_workers),
         ],
         proc_env,
     )  # fmt: skip
