@@ -21,7 +21,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from activities.snapshots import contact_snapshot
+from activities.snapshots import contact_snapshot, snapshot
 from models.contracts import (
     SA_CONTACT,
     SA_JOURNEY,
@@ -37,6 +37,7 @@ from models.contracts import (
 )
 from models.db import session_scope
 from models.journey import ReentryAfter, parse_journey
+from models.listening import listening_of
 from models.tables import (
     Contact,
     Enrollment,
@@ -167,7 +168,11 @@ async def _start(
     from workflows.journey import JourneyWorkflow
 
     document = parse_journey(version.document)
-    view = await contact_snapshot(session, contact)
+    # The segments cost a query; only a journey whose conditions read them needs them.
+    if listening_of(document).segments:
+        view = await contact_snapshot(session, contact)
+    else:
+        view = snapshot(contact)
     attributes: list[SearchAttributePair[Any]] = [
         SearchAttributePair(SA_JOURNEY, journey.key),
         SearchAttributePair(SA_VERSION, version.version),

@@ -30,6 +30,7 @@ class Listening:
     events: frozenset[str] = frozenset()
     every_event: bool = False  # a goal reads ``prop`` of whatever event arrives
     contact_changes: bool = False
+    segments: bool = False  # some condition reads the contact's segments
 
     def hears(self, event_name: str) -> bool:
         return self.every_event or event_name in self.events
@@ -40,14 +41,16 @@ def listening_of(document: JourneyDocument) -> Listening:
     events: set[str] = set()
     profile = False
     every_event = False
+    segments = False
 
     def read(condition: Condition | None, *, in_event: bool = False) -> Inputs:
-        nonlocal profile
+        nonlocal profile, segments
         if condition is None:
             return Inputs()
         inputs = inputs_of(condition, in_event=in_event)
         events.update(inputs.events)
         profile = profile or inputs.profile or bool(inputs.segments)
+        segments = segments or bool(inputs.segments)
         return inputs
 
     # A goal is checked against each arriving event: a bare ``prop`` reads any event.
@@ -62,8 +65,9 @@ def listening_of(document: JourneyDocument) -> Listening:
             # Branches read the contact afresh, but count events held by the run.
             for case in step.cases:
                 events.update(inputs_of(case.if_).events)
+                segments = segments or bool(inputs_of(case.if_).segments)
         elif isinstance(step, WaitStep) and step.until is not None:
             profile = True  # judged in the contact's time zone (or on its attribute)
         elif isinstance(step, EmailStep | SmsStep) and step.window is not None:
             profile = True  # the window is judged in the contact's time zone
-    return Listening(frozenset(events), every_event, profile)
+    return Listening(frozenset(events), every_event, profile, segments)

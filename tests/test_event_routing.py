@@ -117,4 +117,9 @@ def test_shipped_journeys_listen_to_what_their_steps_and_goals_read() -> None:
             )
         )
     )
-    assert everything.hears("anything at all")
+    assert everything.hears("anything at all") and not everything.segments
+    goal = {"segment": "customers"}
+    by_segment = listening_of(
+        parse_journey(_journey("seg", exit_when=goal, steps=[{"id": "x", "type": "exit"}]))
+    )
+    assert by_segment.segments and by_segment.contact_changes  # segments change with profiles
