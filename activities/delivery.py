@@ -378,6 +378,15 @@ async def deliver_events(
     are signalled, and journeys these events trigger are started. Commits."""
     if not events:
         return 0
+    ids = [e.id for e in events]
+    for start in range(0, len(ids), _CHUNK):
+        # Held until they are marked delivered: the inbox drain (SKIP LOCKED) leaves a batch
+        # that takes longer than its grace period alone instead of signalling it twice.
+        await (await session.connection()).execute(
+            sa.select(col(Event.id))
+            .where(col(Event.id) == sa.any_(_uuids(ids[start : start + _CHUNK])))
+            .with_for_update()
+        )
     contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
     running: dict[uuid.UUID, list[tuple[str, uuid.UUID]]] = defaultdict(list)
     for start in range(0, len(contact_ids), _CHUNK):
@@ -416,7 +425,6 @@ async def deliver_events(
             raise result  # the first failure, as a sequential delivery would have raised
     delivered = sum(r for r in results if isinstance(r, int))
     now = utcnow()
-    ids = [e.id for e in events]
     for start in range(0, len(ids), _CHUNK):
         await (await session.connection()).execute(
             sa.update(Event)
