@@ -160,7 +160,10 @@ class Settings(BaseSettings):
         "run's current details, the outcome in its result and the enrollment.",
     )
     worker_max_cached_workflows: int = Field(
-        default=10_000, ge=0, description="Journey runs a worker keeps in memory (sticky cache)."
+        default=2_000,
+        ge=0,
+        description="Journey runs a worker keeps in memory (sticky cache, about 200 KiB each); "
+        "an evicted run replays its history at its next task, days later for most journeys.",
     )
     worker_max_concurrent_workflow_tasks: int = Field(
         default=50,
