@@ -152,6 +152,34 @@ class Settings(BaseSettings):
         description="Comma-separated hosts or CIDR ranges outbound calls (webhook steps, CRM "
         "adapters) may reach although private or loopback. Empty: only public addresses.",
     )
+    # Performance (bench/): what a run costs Temporal, and how a worker uses its machine.
+    progress_search_attributes: bool = Field(
+        default=False,
+        description="Keep the NurtureStep and NurtureStatus search attributes current (one "
+        "billable Temporal action per step and one at the end). Off: the step shows in the "
+        "run's current details, the outcome in its result and the enrollment.",
+    )
+    worker_max_cached_workflows: int = Field(
+        default=2_000,
+        ge=0,
+        description="Journey runs a worker keeps in memory (sticky cache, about 200 KiB each); "
+        "an evicted run replays its history at its next task, days later for most journeys.",
+    )
+    worker_max_concurrent_workflow_tasks: int = Field(
+        default=50,
+        ge=1,
+        description="Workflow tasks a worker runs at once. A Python worker is bound to one "
+        "core: more only queues work in its event loop until tasks time out.",
+    )
+    worker_max_concurrent_activities: int = Field(
+        default=50, ge=1, description="Activities a worker runs at once."
+    )
+    worker_workflow_task_pollers: int = Field(
+        default=5, ge=2, description="Concurrent workflow task polls of a worker."
+    )
+    worker_activity_task_pollers: int = Field(
+        default=5, ge=1, description="Concurrent activity task polls of a worker."
+    )
 
     @property
     def outbox_path(self) -> Path:

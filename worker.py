@@ -16,6 +16,7 @@ from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.contacts import ContactActivities, ContactUpdateActivities
 from activities.crm import CrmActivities
@@ -71,6 +72,18 @@ def build_worker(client: Client, settings: Settings, task_queue: str | None = No
         workflows=WORKFLOWS,
         activities=build_activities(settings, client),
         graceful_shutdown_timeout=timedelta(seconds=10),
+        max_cached_workflows=settings.worker_max_cached_workflows,
+        max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
+        max_concurrent_activities=settings.worker_max_concurrent_activities,
+        max_concurrent_workflow_task_polls=settings.worker_workflow_task_pollers,
+        max_concurrent_activity_task_polls=settings.worker_activity_task_pollers,
+        workflow_runner=SandboxedWorkflowRunner(
+            # The journey's models and their heavy imports (pydantic, zoneinfo) load once per
+            # process rather than once per run's sandbox.
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                "pydantic", "pydantic_core", "annotated_types", "models"
+            )
+        ),
     )
 
 

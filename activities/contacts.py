@@ -79,9 +79,15 @@ class ContactUpdateActivities:
                 await apply_update(contact, input)
                 session.add(contact)
                 await session.commit()
-                # Scores, stages and segments follow; journeys hear of it (this one too).
+                # Scores, stages and segments follow; other journeys hear of it (this one
+                # gets the refreshed contact as the result).
                 await dispatch_contact_changes(
-                    session, activity.client(), self.settings, [contact.id], profile_changed=True
+                    session,
+                    activity.client(),
+                    self.settings,
+                    [contact.id],
+                    profile_changed=True,
+                    changed_by=activity.info().workflow_id,
                 )
                 await session.refresh(contact)
             return await contact_snapshot(session, contact)

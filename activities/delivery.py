@@ -11,6 +11,7 @@ retries it, so ``or_defer`` lets the API acknowledge a stored event while Tempor
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from activities.snapshots import contact_snapshot
 from models.conditions import evaluate
 from models.contracts import ContactChangedSignal, EventSignal, JourneyStatusSignal
 from models.journey import parse_journey
+from models.listening import Listening, listening_of
 from models.tables import (
     Contact,
     Enrollment,
@@ -46,6 +48,8 @@ from settings import Settings
 
 log = logging.getLogger(__name__)
 _CHUNK = 10_000
+# Contacts signalled at once when a batch of events is delivered.
+SIGNAL_LANES = 32
 T = TypeVar("T")
 # Statuses that say Temporal (or the way to it) is failing, not that the request was wrong.
 TRANSIENT_STATUSES = frozenset(
@@ -110,24 +114,47 @@ async def or_defer(
 
 
 async def _signal_active(
-    session: AsyncSession, temporal: Client, signal_name: str, arg: Any, **where: Any
+    session: AsyncSession,
+    temporal: Client,
+    signal_name: str,
+    arg: Any,
+    hears: Callable[[Listening], bool] | None = None,
+    skip: str | None = None,
+    **where: Any,
 ) -> int:
-    """Send a signal to every active enrollment matching ``where``; return how many got it.
+    """Send a signal to every active enrollment matching ``where`` whose journey version
+    ``hears`` it (None: all), except workflow ``skip``; return how many got it.
 
     An event for a journey not started yet raises ``JourneyNotStarted`` (it would be
     missed); other signals are skipped, as a journey reads the contact and the journey's
     status when it starts."""
-    query = select(Enrollment.workflow_id, Enrollment.run_id).where(
+    query = select(Enrollment.workflow_id, Enrollment.run_id, Enrollment.journey_version_id).where(
         Enrollment.status == EnrollmentStatus.active
     )
     for name, value in where.items():
         query = query.where(getattr(Enrollment, name) == value)
     delivered = 0
-    for workflow_id, run_id in (await session.exec(query)).all():
+    for workflow_id, run_id, version_id in (await session.exec(query)).all():
+        if workflow_id == skip or (
+            hears is not None and not hears(await listening(session, version_id))
+        ):
+            continue
         started = run_id is not None or signal_name != "event"
         if await _signal(temporal, workflow_id, signal_name, arg, started=started):
             delivered += 1
     return delivered
+
+
+_listening: dict[uuid.UUID, Listening] = {}
+
+
+async def listening(session: AsyncSession, version_id: uuid.UUID) -> Listening:
+    """What runs of this journey version act on; versions are immutable, so it is cached."""
+    if version_id not in _listening:
+        version = await session.get(JourneyVersion, version_id)
+        assert version is not None
+        _listening[version_id] = listening_of(parse_journey(version.document))
+    return _listening[version_id]
 
 
 def event_signal(event: Event) -> EventSignal:
@@ -147,7 +174,7 @@ async def deliver_event(session: AsyncSession, temporal: Client, event: Event) -
     if event.contact_id is None:
         return 0
     delivered = await _signal_active(
-        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+        session, temporal, "event", event_signal(event), _hears(event), contact_id=event.contact_id
     )
     event.delivered_at = utcnow()
     session.add(event)
@@ -214,12 +241,18 @@ async def start_triggered(
     return started
 
 
-async def notify_contact_changed(session: AsyncSession, temporal: Client, contact: Contact) -> int:
+async def notify_contact_changed(
+    session: AsyncSession, temporal: Client, contact: Contact, skip: str | None = None
+) -> int:
+    """Tell the contact's running journeys that read the profile between reads of their own
+    (``skip``: the journey that made the change, which has the result already)."""
     return await _signal_active(
         session,
         temporal,
         "contact_changed",
         ContactChangedSignal(await contact_snapshot(session, contact)),
+        lambda listens: listens.contact_changes,
+        skip,
         contact_id=contact.id,
     )
 
@@ -248,7 +281,7 @@ async def signal_and_start(
     if event.contact_id is None:
         return 0
     delivered = await _signal_active(
-        session, temporal, "event", event_signal(event), contact_id=event.contact_id
+        session, temporal, "event", event_signal(event), _hears(event), contact_id=event.contact_id
     )
     return delivered + len(await start_triggered(session, temporal, settings, event))
 
@@ -287,13 +320,22 @@ async def dispatch_event(
 async def dispatch_undelivered(
     session: AsyncSession, temporal: Client, settings: Settings, events: Sequence[Event]
 ) -> None:
-    """Dispatch stored events in order, each marked delivered as it goes, then refresh
-    their contacts once (a provider batch touches many events of few contacts). Commits."""
-    for event in events:
-        await signal_and_start(session, temporal, settings, event)
-        event.delivered_at = utcnow()
-        session.add(event)
-        await session.commit()
+    """Dispatch stored events, then refresh their contacts once (a provider batch touches
+    many events of few contacts). Commits.
+
+    A batch in which no event starts a journey goes in bulk (``deliver_events``: one query,
+    contacts signalled in parallel, each contact's events in order); otherwise the events go
+    in order one by one, each marked delivered as it goes, so that an event after a trigger
+    reaches the run that trigger started.
+    """
+    if await _active_triggers(session, {e.name for e in events}):
+        for event in events:
+            await signal_and_start(session, temporal, settings, event)
+            event.delivered_at = utcnow()
+            session.add(event)
+            await session.commit()
+    else:
+        await deliver_events(session, temporal, settings, events)
     contact_ids = {e.contact_id for e in events if e.contact_id is not None}
     if contact_ids:
         await dispatch_contact_changes(
@@ -309,6 +351,7 @@ async def dispatch_contact_changes(
     *,
     event_names: Collection[str] | None = None,
     profile_changed: bool = False,
+    changed_by: str | None = None,
 ) -> AudienceChanges:
     """After contacts changed (``profile_changed``: attributes, tags, score...) or got
     events (``event_names``): refresh their scores, stages and segments, tell their running
@@ -330,7 +373,7 @@ async def dispatch_contact_changes(
     for contact_id in notify:
         contact = await session.get(Contact, contact_id)
         if contact is not None and contact.erased_at is None:
-            await notify_contact_changed(session, temporal, contact)
+            await notify_contact_changed(session, temporal, contact, changed_by)
     await deliver_events(session, temporal, settings, changes.derived_events)
     return changes
 
@@ -343,29 +386,63 @@ async def deliver_events(
     are signalled, and journeys these events trigger are started. Commits."""
     if not events:
         return 0
+    ids = [e.id for e in events]
+    for start in range(0, len(ids), _CHUNK):
+        # Held until they are marked delivered: the inbox drain (SKIP LOCKED) leaves a batch
+        # that takes longer than its grace period alone instead of signalling it twice.
+        await (await session.connection()).execute(
+            sa.select(col(Event.id))
+            .where(col(Event.id) == sa.any_(_uuids(ids[start : start + _CHUNK])))
+            .with_for_update()
+        )
     contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
-    running: dict[uuid.UUID, list[tuple[str, bool]]] = defaultdict(list)
+    running: dict[uuid.UUID, list[tuple[str, uuid.UUID, bool]]] = defaultdict(list)
     for start in range(0, len(contact_ids), _CHUNK):
         rows = await session.exec(
-            select(Enrollment.contact_id, Enrollment.workflow_id, Enrollment.run_id)
+            select(
+                Enrollment.contact_id,
+                Enrollment.workflow_id,
+                Enrollment.journey_version_id,
+                Enrollment.run_id,
+            )
             .where(Enrollment.status == EnrollmentStatus.active)
             .where(
                 col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
             )
         )
-        for contact_id, workflow_id, run_id in rows.all():
-            running[contact_id].append((workflow_id, run_id is not None))
-    delivered = 0
-    waiting: set[uuid.UUID] = set()
+        for contact_id, workflow_id, version_id, run_id in rows.all():
+            running[contact_id].append((workflow_id, version_id, run_id is not None))
+    hearing = {v: await listening(session, v) for runs in running.values() for _, v, _ in runs}
+    by_contact: dict[uuid.UUID, list[Event]] = defaultdict(list)
     for event in events:
-        for workflow_id, started in running.get(event.contact_id, []) if event.contact_id else []:
-            try:
-                if await _signal(
-                    temporal, workflow_id, "event", event_signal(event), started=started
-                ):
-                    delivered += 1
-            except JourneyNotStarted:
-                waiting.add(event.id)  # left undelivered: the inbox drain retries it
+        if event.contact_id is not None:
+            by_contact[event.contact_id].append(event)
+    lanes = asyncio.Semaphore(SIGNAL_LANES)
+    waiting: set[uuid.UUID] = set()
+
+    async def signal_contact(contact_id: uuid.UUID) -> int:
+        got = 0
+        async with lanes:
+            for event in by_contact[contact_id]:  # in order, for each contact
+                for workflow_id, version_id, started in running[contact_id]:
+                    if not hearing[version_id].hears(event.name):
+                        continue
+                    try:
+                        if await _signal(
+                            temporal, workflow_id, "event", event_signal(event), started=started
+                        ):
+                            got += 1
+                    except JourneyNotStarted:
+                        waiting.add(event.id)  # left undelivered: the inbox drain retries it
+        return got
+
+    results = await asyncio.gather(
+        *(signal_contact(c) for c in by_contact if c in running), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result  # the first failure, as a sequential delivery would have raised
+    delivered = sum(r for r in results if isinstance(r, int))
     now = utcnow()
     ids = [e.id for e in events if e.id not in waiting]
     for start in range(0, len(ids), _CHUNK):
@@ -375,20 +452,25 @@ async def deliver_events(
             .values(delivered_at=now)
         )
     await session.commit()
-    names = {e.name for e in events}
-    triggered = set(
-        (
-            await session.exec(
-                select(Journey.trigger_event)
-                .where(col(Journey.trigger_event).in_(names))
-                .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
-            )
-        ).all()
-    )
+    triggered = await _active_triggers(session, {e.name for e in events})
     for event in events:
         if event.name in triggered:
             delivered += len(await start_triggered(session, temporal, settings, event))
     return delivered
+
+
+async def _active_triggers(session: AsyncSession, names: Collection[str]) -> set[str]:
+    """Which of these event names start a journey that takes contacts."""
+    rows = await session.exec(
+        select(Journey.trigger_event)
+        .where(col(Journey.trigger_event).in_(names))
+        .where(col(Journey.status).in_([JourneyStatus.active, JourneyStatus.paused]))
+    )
+    return {name for name in rows.all() if name is not None}
+
+
+def _hears(event: Event) -> Callable[[Listening], bool]:
+    return lambda listens: listens.hears(event.name)
 
 
 def _uuids(values: Sequence[uuid.UUID]) -> Any:

@@ -22,6 +22,7 @@ from temporalio.common import (
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from activities.snapshots import contact_snapshot, snapshot
 from models.contracts import (
     SA_CONTACT,
     SA_JOURNEY,
@@ -37,6 +38,7 @@ from models.contracts import (
 )
 from models.db import session_scope
 from models.journey import ReentryAfter, parse_journey
+from models.listening import listening_of
 from models.tables import (
     Contact,
     Enrollment,
@@ -99,7 +101,7 @@ async def enroll(
         assert started_on is not None
         await _start(
             session, temporal, settings, journey, started_on, latest, trigger, trigger_signal,
-            reentry=False,
+            reentry=False, contact=contact,
         )  # fmt: skip
         return latest, False
     if latest is not None:
@@ -134,7 +136,7 @@ async def enroll(
     if created:
         await _start(
             session, temporal, settings, journey, version, current, trigger, trigger_signal,
-            reentry=latest is not None,
+            reentry=latest is not None, contact=contact,
         )  # fmt: skip
         await session.refresh(current)
     return current, created
@@ -165,10 +167,24 @@ async def _start(
     trigger_signal: EventSignal | None,
     *,
     reentry: bool,
+    contact: Contact,
 ) -> None:
     from workflows.journey import JourneyWorkflow
 
     document = parse_journey(version.document)
+    # The segments cost a query; only a journey whose conditions read them needs them.
+    if listening_of(document).segments:
+        view = await contact_snapshot(session, contact)
+    else:
+        view = snapshot(contact)
+    attributes: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(SA_JOURNEY, journey.key),
+        SearchAttributePair(SA_VERSION, version.version),
+        SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
+    ]
+    if settings.progress_search_attributes:
+        # Set only when kept current: a stale "active" would mislead a search.
+        attributes.append(SearchAttributePair(SA_STATUS, "active"))
     options: dict[str, Any] = {}
     if trigger_signal is not None:
         options = {"start_signal": "event", "start_signal_args": [trigger_signal]}
@@ -191,19 +207,14 @@ async def _start(
                     contact_id=str(enrollment.contact_id),
                     trigger=trigger,
                     run_key=enrollment.run_key,
+                    contact=view,
+                    progress_search_attributes=settings.progress_search_attributes,
                 ),
                 id=enrollment.workflow_id,
                 task_queue=settings.task_queue,
                 id_conflict_policy=conflict,
                 id_reuse_policy=reuse,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(SA_JOURNEY, journey.key),
-                        SearchAttributePair(SA_VERSION, version.version),
-                        SearchAttributePair(SA_CONTACT, str(enrollment.contact_id)),
-                        SearchAttributePair(SA_STATUS, "active"),
-                    ]
-                ),
+                search_attributes=TypedSearchAttributes(attributes),
                 static_summary=(
                     f"{journey.name} (v{version.version}) for contact {enrollment.contact_id}"
                 ),
@@ -277,12 +288,14 @@ async def start_unstarted(
                     properties=event.properties,
                     occurred_at=event.occurred_at.isoformat(),
                 )
+        contact = await session.get(Contact, enrollment.contact_id)
+        assert contact is not None  # enrollments are deleted with their contact
         # Not as a re-entry even when it is one: the previous run ended before this row was
         # written, longer ago than ``older_than``, and the API's own start may be racing
         # this one (attaching to it is right; failing on it would wait for it to close).
         await _start(
             session, temporal, settings, journey, version, enrollment, enrollment.trigger,
-            trigger_signal, reentry=False,
+            trigger_signal, reentry=False, contact=contact,
         )  # fmt: skip
         await session.refresh(enrollment)
         if enrollment.run_id is None:

@@ -103,6 +103,11 @@ class JourneyInput:
     state: JourneyState | None = None
     run_key: str = ""
     history_budget: int = 5_000
+    # The contact as enrollment read it: saves the run an activity to read it again.
+    contact: ContactSnapshot | None = None
+    # Keep NurtureStep and NurtureStatus current (one billable action per step, one at the
+    # end). Runs started before this field existed decode with True and replay unchanged.
+    progress_search_attributes: bool = True
 
 
 @dataclass

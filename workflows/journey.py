@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.messaging import MessagingActivities
     from activities.optimisation import OptimisationActivities, send_time_reason
     from activities.webhooks import WebhookActivities
-    from models.conditions import Condition, evaluate
+    from models.conditions import Condition, evaluate, inputs_of
     from models.contracts import (
         SA_STATUS,
         SA_STEP,
@@ -156,7 +156,10 @@ class JourneyWorkflow:
 
     @workflow.run
     async def run(self, input: JourneyInput) -> JourneyResult:
-        if self.state.contact is None and workflow.patched("load-contact-at-start"):
+        if self.state.contact is None and self.input.contact is not None:
+            self.state.contact = self.input.contact
+            self._check_goal(None)
+        elif self.state.contact is None and workflow.patched("load-contact-at-start"):
             await self._load_contact("Read the contact")
             self._check_goal(None)
         steps_without_wait = 0
@@ -198,7 +201,8 @@ class JourneyWorkflow:
 
         if self.state.status == "active":
             self.state.status = "completed"
-        workflow.upsert_search_attributes([SA_STATUS.value_set(self.state.status)])
+        if self.input.progress_search_attributes:
+            workflow.upsert_search_attributes([SA_STATUS.value_set(self.state.status)])
         workflow.set_current_details(f"**{self.state.status}** {self.state.exit_reason or ''}")
         await workflow.execute_activity_method(
             EnrollmentActivities.finish_enrollment,
@@ -357,7 +361,8 @@ class JourneyWorkflow:
 
     def _show(self, step: Step) -> None:
         """Keep the Temporal UI's search attributes and current details in plain words."""
-        workflow.upsert_search_attributes([SA_STEP.value_set(step.id)])
+        if self.input.progress_search_attributes:
+            workflow.upsert_search_attributes([SA_STEP.value_set(step.id)])
         self._details(f"step **{step.label or step.id}** ({step.type})")
 
     def _details(self, where: str) -> None:
@@ -654,9 +659,13 @@ class JourneyWorkflow:
         return _Next(goto=step.on_event, outcome=matched[0])
 
     async def _branch(self, step: BranchStep) -> _Next:
-        contact = await self._load_contact(f"Read the contact for branch {step.id}")
-        if not contact.found:
-            return _Next(end="exited", outcome="contact erased")
+        reads = [inputs_of(case.if_) for case in step.cases]
+        if any(i.profile or i.segments for i in reads) or not workflow.patched(
+            "branch-reads-contact-only-for-profile"
+        ):
+            contact = await self._load_contact(f"Read the contact for branch {step.id}")
+            if not contact.found:
+                return _Next(end="exited", outcome="contact erased")
         for number, case in enumerate(step.cases, start=1):
             if self._holds(case.if_):
                 return _Next(goto=case.goto, outcome=f"case {number} -> {case.goto}")
