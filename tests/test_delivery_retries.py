@@ -44,7 +44,17 @@ async def test_an_enrollment_made_while_temporal_is_down_starts_later_with_its_e
             {
                 "key": key,
                 "name": "Leaves on purchase",
-                "exit_when": {"any": [{"event": "purchase_completed"}]},
+                # It also hears segment_entered (another segment's), so the derived event
+                # below is one it listens to.
+                "exit_when": {
+                    "any": [
+                        {"event": "purchase_completed"},
+                        {
+                            "event": "segment_entered",
+                            "where": {"prop": "segment", "op": "eq", "value": "vips"},
+                        },
+                    ]
+                },
                 "steps": [{"id": "hold", "type": "wait", "duration": "30d"}],
             },
         )
