@@ -16,7 +16,10 @@ from temporalio.service import RPCError
 
 from activities.delivery import temporal_unavailable
 from api.deps import SessionDep, connect_temporal, require_api_key
+from api.guard import InputGuard
 from api.routes import (
+    api_keys,
+    codec,
     contacts,
     enrollments,
     events,
@@ -88,6 +91,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     )
     app.state.settings = settings
     app.state.temporal = temporal
+    # Oversized, deeply nested and non-UTF-8 bodies are refused before any route reads them.
+    app.add_middleware(InputGuard, settings=settings)
     for database_error in DATABASE_DOWN:
         app.add_exception_handler(database_error, _database_down)
     for temporal_error in (RPCError, RuntimeError):
@@ -96,6 +101,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     for module in (contacts, events, journeys, enrollments, templates, segments, scoring):
         v1.include_router(module.router)
+    # Key management (admin scope, see api/deps.py ADMIN_ROUTES).
+    v1.include_router(api_keys.router)
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
     app.include_router(v1)
@@ -106,6 +113,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     # Unsubscribe links in mail are authenticated by their signed token, not the API key.
     app.include_router(unsubscribe.router)
     app.include_router(tracking.router)
+    # The Temporal UI's codec server: decrypts for admin keys only (api/routes/codec.py).
+    app.include_router(codec.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(session: SessionDep) -> dict[str, str]:
