@@ -85,20 +85,26 @@ def presented_key(
 
 
 # The one place that says which scope each /v1 route needs: reads (GET) need ``read``,
-# everything else ``write``, except the routes named here.
-ADMIN_ROUTES = ("/v1/api-keys",)
+# everything else ``write``, except the routes named here (by endpoint function, so a
+# path or prefix change cannot move a route to a weaker scope).
+ADMIN_MODULES = ("api.routes.api_keys",)
 # POSTs that change nothing: a read key may preview and validate.
 READ_ONLY_POSTS = frozenset(
-    {"/v1/segments/preview", "/v1/journeys/validate", "/v1/templates/{key}/preview"}
+    {
+        "api.routes.segments.preview_segment",
+        "api.routes.journeys.validate_journey",
+        "api.routes.templates.preview_template",
+    }
 )
 
 
 def required_scope(request: Request) -> Scope:
-    route = request.scope.get("route")
-    path: str = getattr(route, "path", request.url.path)
-    if path.startswith(ADMIN_ROUTES):
+    endpoint = request.scope.get("endpoint")
+    module = getattr(endpoint, "__module__", "")
+    name = f"{module}.{getattr(endpoint, '__qualname__', '')}"
+    if module in ADMIN_MODULES:
         return Scope.admin
-    if request.method in ("GET", "HEAD", "OPTIONS") or path in READ_ONLY_POSTS:
+    if request.method in ("GET", "HEAD", "OPTIONS") or name in READ_ONLY_POSTS:
         return Scope.read
     return Scope.write
 
@@ -123,7 +129,7 @@ async def require_api_key(
     if principal is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked API key",
+            "invalid API key",
             headers={"WWW-Authenticate": "Bearer"},
         )
     needed = required_scope(request)
