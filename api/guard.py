@@ -15,9 +15,12 @@ contact attributes.
 from __future__ import annotations
 
 import json
+import math
 import re
 from itertools import accumulate
+from typing import Any
 
+import yaml
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settings import Settings
@@ -27,6 +30,9 @@ STREAMED_PATHS = ("/v1/contacts/import",)
 # Linear on any input: possessive, and an unterminated string runs to the end.
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS = re.compile(rb"[\[\]{}]")
+# Outside strings: the non-standard constants Python's parser accepts, and numbers with
+# an exponent (checked for overflow to infinity). PostgreSQL's JSONB stores neither.
+_NON_FINITE = re.compile(rb"NaN|Infinity|-?[0-9][0-9.]*[eE][+-]?[0-9]+")
 _STEP = {b"[": 1, b"{": 1, b"]": -1, b"}": -1}
 
 
@@ -39,6 +45,15 @@ def json_depth(body: bytes) -> int:
     Linear, and in C loops: about 10 ms per MB whatever the input."""
     brackets = _BRACKETS.findall(_STRINGS.sub(b'""', body))
     return max(accumulate(map(_STEP.__getitem__, brackets), initial=0))
+
+
+def non_finite_number(body: bytes) -> str | None:
+    """The first NaN, Infinity or number too large for a double, outside strings."""
+    for match in _NON_FINITE.finditer(_STRINGS.sub(b'""', body)):
+        token = match.group()
+        if token in (b"NaN", b"Infinity") or math.isinf(float(token)):
+            return token.decode()
+    return None
 
 
 def _is_json(content_type: str) -> bool:
@@ -88,7 +103,8 @@ class InputGuard:
             "PUT",
             "PATCH",
         ):
-            await self._json(scope, receive, send, limit, too_large)
+            strict = not headers.get("content-type", "").lower().startswith("text/plain")
+            await self._json(scope, receive, send, limit, too_large, strict)
             return
 
         received = 0
@@ -115,9 +131,10 @@ class InputGuard:
                 await _respond(send, 413, too_large)
 
     async def _json(
-        self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: str
+        self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: str, strict: bool
     ) -> None:
-        """Read the whole (bounded) body, check it, then hand it to the app."""
+        """Read the whole (bounded) body, check it, then hand it to the app. ``strict``
+        (a JSON content type, not text/plain): NaN, Infinity and overflowing numbers too."""
         body = bytearray()
         more = True
         while more:
@@ -145,6 +162,15 @@ class InputGuard:
                 f"{self.settings.max_json_depth} are allowed (NURTURE_MAX_JSON_DEPTH)",
             )
             return
+        bad_number = non_finite_number(bytes(body)) if strict else None
+        if bad_number is not None:
+            await _respond(
+                send,
+                400,
+                f"the JSON body holds {bad_number!r}: NaN, Infinity and numbers beyond a "
+                "double's range are not JSON numbers",
+            )
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -155,3 +181,32 @@ class InputGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class YamlRefused(ValueError):
+    pass
+
+
+def load_yaml(text: str, max_depth: int) -> Any:
+    """``yaml.safe_load`` without aliases (``*ref`` can expand a small document into
+    billions of nodes) and no deeper than ``max_depth`` (PyYAML recurses per level)."""
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise YamlRefused(
+                    f"YAML aliases (*{event.anchor}) are not accepted "
+                    f"(line {event.start_mark.line + 1}); repeat the content instead"
+                )
+            self.depth += 1
+            if self.depth > max_depth:
+                raise YamlRefused(f"the YAML nests deeper than {max_depth} levels")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return yaml.load(text, Loader=Loader)

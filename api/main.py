@@ -70,6 +70,17 @@ async def _temporal_down(request: Request, err: Exception) -> JSONResponse:
     return _unavailable("Temporal unavailable, retry later")
 
 
+async def _unstorable_value(request: Request, err: Exception) -> JSONResponse:
+    """A value PostgreSQL refuses (a NUL character, a lone surrogate, a number out of
+    range): the client's data, so a 422 and nothing stored (the session rolled back)."""
+    reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+    log.info("refused a value for %s %s: %s", request.method, request.url.path, reason)
+    return JSONResponse(
+        {"detail": f"a value in the request cannot be stored: {reason}"},
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
 def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
     """Build the app; pass ``temporal`` to share a client (tests), else it makes one that
     connects on first use, so the API starts (and stores events) while Temporal is down."""
@@ -95,6 +106,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.add_middleware(InputGuard, settings=settings)
     for database_error in DATABASE_DOWN:
         app.add_exception_handler(database_error, _database_down)
+    for data_error in (sqlalchemy.exc.DataError, psycopg.DataError):
+        app.add_exception_handler(data_error, _unstorable_value)
     for temporal_error in (RPCError, RuntimeError):
         app.add_exception_handler(temporal_error, _temporal_down)
 
