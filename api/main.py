@@ -17,6 +17,7 @@ from temporalio.service import RPCError
 from activities.delivery import temporal_unavailable
 from api.deps import SessionDep, connect_temporal, require_api_key
 from api.guard import InputGuard
+from api.openapi import document_errors
 from api.routes import (
     api_keys,
     codec,
@@ -134,4 +135,5 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
         return {"status": "ok"}
 
+    document_errors(app)
     return app

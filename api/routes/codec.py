@@ -11,7 +11,10 @@ are. CORS answers the UI origins in ``NURTURE_CODEC_CORS_ORIGINS``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
@@ -53,7 +56,10 @@ class CodecResult(BaseModel):
 
 
 def _origins(settings: Settings) -> set[str]:
-    return {o.strip().rstrip("/") for o in settings.codec_cors_origins.split(",") if o.strip()}
+    """The configured UI origins, and that of NURTURE_TEMPORAL_UI_URL."""
+    ui = urlsplit(settings.temporal_ui_url)
+    configured = {o.strip().rstrip("/") for o in settings.codec_cors_origins.split(",")}
+    return (configured | {f"{ui.scheme}://{ui.netloc}"}) - {""}
 
 
 def _cors(request: Request, settings: Settings) -> dict[str, str]:
@@ -70,14 +76,23 @@ def _cors(request: Request, settings: Settings) -> dict[str, str]:
     }
 
 
+def _strict_base64(value: str) -> None:
+    """Proto3 JSON bytes: standard or URL-safe base64, padding optional; nothing else."""
+    normal = value.strip().replace("-", "+").replace("_", "/")
+    base64.b64decode(normal + "=" * (-len(normal) % 4), validate=True)
+
+
 def _parse(body: CodecBody) -> list[Payload]:
     parsed = []
     for index, item in enumerate(body.payloads):
         try:
+            for value in [item.data, *item.metadata.values()]:
+                _strict_base64(value)
             parsed.append(json_format.ParseDict(item.model_dump(exclude_none=True), Payload()))
-        except json_format.ParseError as err:
+        except (binascii.Error, ValueError, json_format.ParseError) as err:
             raise HTTPException(
-                status.HTTP_400_BAD_REQUEST, f"payloads[{index}] is not a Temporal payload: {err}"
+                status.HTTP_400_BAD_REQUEST,
+                f"payloads[{index}] is not a Temporal payload (base64 metadata and data): {err}",
             ) from None
     return parsed
 
@@ -202,8 +217,11 @@ async def encode_with_path_key(
     return await _code("encode", request, body, session, settings, namespace, key, None, None)
 
 
-@router.options("/{rest:path}", include_in_schema=False)
 async def preflight(request: Request, settings: SettingsDep) -> Response:
     """The browser's CORS preflight: allowed for the configured UI origins only."""
     cors = _cors(request, settings)
     return Response(status_code=204 if cors else 403, headers=cors)
+
+
+for _path in ("/decode", "/encode", "/key/{key}/decode", "/key/{key}/encode"):
+    router.add_api_route(_path, preflight, methods=["OPTIONS"], include_in_schema=False)
