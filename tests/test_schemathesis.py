@@ -5,6 +5,7 @@ body). Bounded examples per operation so the whole run takes a minute or two."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,9 +21,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
+from devstack.temporal import register_search_attributes
 from settings import Settings
+from tests.conftest import BIN
 
 SCHEMA = schemathesis.openapi.from_dict(
     create_app(Settings(api_key="schema-only", database_url="postgresql://schema/only")).openapi()
@@ -34,7 +38,7 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-EXAMPLES = 6
+EXAMPLES = 10
 
 
 def _httpx_kwargs(case: Any) -> dict[str, Any]:
@@ -79,6 +83,31 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+async def api(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[httpx.AsyncClient]:
+    """One app and one time-skipping server for every operation (started once: the run
+    is about the HTTP surface, and a server per operation would double its time)."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(BIN / "temporal-test-server")
+    )
+    await register_search_attributes(env.client)
+    app_settings = Settings(
+        database_url=database_url,
+        data_dir=tmp_path_factory.mktemp("schemathesis"),
+        api_key="test-api-key",
+        task_queue="tq-schemathesis",
+        outbound_allow_private="127.0.0.1,::1",
+    )
+    app = create_app(app_settings, temporal=env.client)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://nurture.test"
+    ) as client:
+        yield client
+    await env.shutdown()
+
+
 @pytest.mark.parametrize(("operation", "mode"), CASES)
 @settings(
     max_examples=EXAMPLES,
@@ -88,8 +117,8 @@ CASES = [
 )
 @given(data=st.data())
 async def test_api_conforms_to_its_schema(
-    time_api: httpx.AsyncClient, operation: Any, mode: GenerationMode, data: st.DataObject
+    api: httpx.AsyncClient, operation: Any, mode: GenerationMode, data: st.DataObject
 ) -> None:
     case = data.draw(operation.as_strategy(generation_mode=mode))
-    response = await time_api.request(**_httpx_kwargs(case))
+    response = await api.request(**_httpx_kwargs(case))
     case.validate_response(response, checks=CHECKS)
