@@ -14,9 +14,10 @@ import pytest
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload
 from temporalio.api.testservice.v1 import LockTimeSkippingRequest, UnlockTimeSkippingRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from api.main import create_app
 from models.codec import (
@@ -30,6 +31,7 @@ from models.codec import (
 )
 from settings import Settings
 from tests.helpers import contact, enroll, publish, put_template, unique, wait_for_step
+from tests.test_replay import HISTORIES
 from worker import build_worker
 from workflows.journey import JourneyWorkflow
 
@@ -334,3 +336,25 @@ async def test_codec_server_without_keys_returns_payloads_unchanged(
     body = {"payloads": [as_json(sealed)]}
     response = await time_api.post("/codec/decode", json=body)
     assert response.status_code == 200 and response.json() == body
+
+
+async def test_encrypted_history_replays_with_the_codec_and_plain_histories_still_do(
+    time_env: WorkflowEnvironment, keyed_settings: Settings
+) -> None:
+    """Turning encryption on breaks no running journey: recorded plain histories and new
+    encrypted ones both replay through the codec's data converter."""
+    converter = data_converter(keyed_settings)
+    replayer = Replayer(workflows=[JourneyWorkflow], data_converter=converter)
+    for path in sorted(HISTORIES.glob("*.json")):
+        recorded = json.loads(await asyncio.to_thread(path.read_text))
+        await replayer.replay_workflow(
+            WorkflowHistory.from_json(recorded["workflow_id"], recorded["history"])
+        )
+    coded = Client(
+        time_env.client.service_client,
+        namespace=time_env.client.namespace,
+        data_converter=converter,
+    )
+    workflow_id, _ = await _run_pii_journey(time_env, keyed_settings, coded)
+    history = await coded.get_workflow_handle(workflow_id).fetch_history()
+    await replayer.replay_workflow(history)
