@@ -21,6 +21,7 @@ from itertools import accumulate
 from typing import Any
 
 import yaml
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settings import Settings
@@ -36,8 +37,12 @@ _NON_FINITE = re.compile(rb"NaN|Infinity|-?[0-9][0-9.]*[eE][+-]?[0-9]+")
 _STEP = {b"[": 1, b"{": 1, b"]": -1, b"}": -1}
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive``: an HTTPException so FastAPI's body parsing passes it on as
+    the 413 it is (it turns other errors while reading into a 400)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
 
 
 def json_depth(body: bytes) -> int:
@@ -116,7 +121,7 @@ class InputGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(too_large)
             return message
 
         async def watched_send(message: Message) -> None:

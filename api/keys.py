@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
-from sqlalchemy import update
+from sqlalchemy import text
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -125,8 +125,8 @@ async def authenticate_key(
 
     The bootstrap key (``settings.api_key``) is checked first in constant time and needs
     no database. Stored keys are found by prefix and compared by hash in constant time;
-    their ``last_used_at`` is refreshed (at most once a minute) in ``session``'s
-    transaction, which the caller commits.
+    their ``last_used_at`` is refreshed at most once a minute, in a short transaction of
+    its own.
     """
     if not raw_key:
         return None
@@ -145,17 +145,28 @@ async def authenticate_key(
     found = next((r for r in rows if secrets.compare_digest(r.key_hash, digest)), None)
     if found is None:
         return None
-    now = utcnow()
-    if found.last_used_at is None or now - found.last_used_at > LAST_USED_PRECISION:
-        await (await session.connection()).execute(
-            update(ApiKey)
-            .where(col(ApiKey.id) == found.id)
-            .values(last_used_at=now)
-            .execution_options(synchronize_session=False)
-        )
+    if found.last_used_at is None or utcnow() - found.last_used_at > LAST_USED_PRECISION:
+        await _touch(settings, found.id)
     return ApiKeyPrincipal(
         id=found.id, name=found.name, scopes=frozenset(Scope(s) for s in found.scopes)
     )
+
+
+# In its own short transaction, skipping a row another request is touching: requests with
+# the same key never wait on each other (or on a long request's open transaction).
+_TOUCH = text(
+    "UPDATE api_keys SET last_used_at = now() WHERE id = ("
+    "  SELECT id FROM api_keys WHERE id = :id"
+    "  AND (last_used_at IS NULL OR last_used_at < now() - make_interval(secs => :secs))"
+    "  FOR UPDATE SKIP LOCKED)"
+)
+
+
+async def _touch(settings: Settings, key_id: uuid.UUID) -> None:
+    async with session_scope(settings.database_url) as session:
+        await (await session.connection()).execute(
+            _TOUCH, {"id": key_id, "secs": LAST_USED_PRECISION.total_seconds()}
+        )
 
 
 async def _cli(args: argparse.Namespace, settings: Settings) -> int:
