@@ -31,9 +31,12 @@ STREAMED_PATHS = ("/v1/contacts/import",)
 # Linear on any input: possessive, and an unterminated string runs to the end.
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
 _BRACKETS = re.compile(rb"[\[\]{}]")
+MAX_DIGITS = 1000
 # Outside strings: the non-standard constants Python's parser accepts, and numbers with
 # an exponent (checked for overflow to infinity). PostgreSQL's JSONB stores neither.
-_NON_FINITE = re.compile(rb"NaN|Infinity|-?[0-9][0-9.]*[eE][+-]?[0-9]+")
+_NON_FINITE = re.compile(
+    rb"NaN|Infinity|-?[0-9][0-9.]*[eE][+-]?[0-9]+|[0-9]{%d,}" % (MAX_DIGITS + 1)
+)
 _STEP = {b"[": 1, b"{": 1, b"]": -1, b"}": -1}
 
 
@@ -53,11 +56,14 @@ def json_depth(body: bytes) -> int:
 
 
 def non_finite_number(body: bytes) -> str | None:
-    """The first NaN, Infinity or number too large for a double, outside strings."""
+    """The first NaN, Infinity, number too large for a double or too long, outside
+    strings (described for the error message)."""
     for match in _NON_FINITE.finditer(_STRINGS.sub(b'""', body)):
         token = match.group()
+        if len(token) > MAX_DIGITS:
+            return f"a number of {len(token)} digits"
         if token in (b"NaN", b"Infinity") or math.isinf(float(token)):
-            return token.decode()
+            return repr(token.decode())
     return None
 
 
@@ -172,8 +178,8 @@ class InputGuard:
             await _respond(
                 send,
                 400,
-                f"the JSON body holds {bad_number!r}: NaN, Infinity and numbers beyond a "
-                "double's range are not JSON numbers",
+                f"the JSON body holds {bad_number}: NaN, Infinity, numbers beyond a double's "
+                f"range and numbers of over {MAX_DIGITS} digits are refused",
             )
             return
         replayed = False

@@ -239,43 +239,35 @@ async def test_deep_yaml_and_alias_bombs_are_refused(time_api: httpx.AsyncClient
         assert expected in response.json()["detail"]
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        '{"email": "n@example.com", "attributes": {"x": NaN}}',
-        '{"email": "n@example.com", "attributes": {"x": -Infinity}}',
-        '{"email": "n@example.com", "attributes": {"x": 1e999}}',
-        '{"email": "n@example.com", "attributes": {"x": ' + "9" * 5000 + "}}",
-        '{"email": "n@example.com", "attributes": {"x": "\\ud800"}}',
-        '{"email": "n@example.com", "attributes": {"x": "\\u0000"}}',
-        '{"email": "n@example.com"',
-        '{"email": "n@example.com"}{"email": "m@example.com"}',
-        "[]",
-        "null",
-        "",
-    ],
-    ids=[
-        "nan",
-        "infinity",
-        "overflow",
-        "huge-int",
-        "lone-surrogate",
-        "nul",
-        "truncated",
-        "two-documents",
-        "array",
-        "null",
-        "empty",
-    ],
-)
-async def test_malformed_json_values_are_refused_with_4xx(
-    time_api: httpx.AsyncClient, settings: Settings, raw: str
+MALFORMED = {
+    "nan": ('{"email": "n@example.com", "attributes": {"x": NaN}}', 400, "'NaN'"),
+    "infinity": ('{"email": "n@example.com", "attributes": {"x": -Infinity}}', 400, "Infinity"),
+    "overflow": ('{"email": "n@example.com", "attributes": {"x": 1e999}}', 400, "'1e999'"),
+    "huge-int": ('{"email": "n@example.com", "attributes": {"x": ' + "9" * 5000 + "}}", 400,
+                 "a number of 5000 digits"),
+    "lone-surrogate": ('{"email": "n@example.com", "attributes": {"x": "\\ud800"}}', 422,
+                       "cannot be stored"),
+    "nul": ('{"email": "n@example.com", "attributes": {"x": "\\u0000"}}', 422,
+            "cannot be stored"),
+    "truncated": ('{"email": "n@example.com"', 422, "json_invalid"),
+    "two-documents": ('{"email": "n@example.com"}{"email": "m@example.com"}', 422, "Extra data"),
+    "array": ("[]", 422, "valid dictionary"),
+    "null": ("null", 422, "valid dictionary"),
+    "empty": ("", 422, "Field required"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_malformed_json_values_are_refused_naming_the_problem(
+    time_api: httpx.AsyncClient, settings: Settings, case: str
 ) -> None:
+    raw, code, named = MALFORMED[case]
     before = await count(settings)
     response = await time_api.post(
         "/v1/contacts", content=raw.encode(), headers={"Content-Type": "application/json"}
     )
-    assert 400 <= response.status_code < 500, response.text
+    assert response.status_code == code, response.text
+    assert named in response.text
     assert await count(settings) == before
 
 
