@@ -74,7 +74,12 @@ async def _temporal_down(request: Request, err: Exception) -> JSONResponse:
 async def _unstorable_value(request: Request, err: Exception) -> JSONResponse:
     """A value PostgreSQL refuses (a NUL character, a lone surrogate, a number out of
     range): the client's data, so a 422 and nothing stored (the session rolled back)."""
-    reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+    cause = getattr(err, "orig", None) or err
+    diag = getattr(cause, "diag", None)
+    reason = str(cause).splitlines()[0]
+    if diag is not None and diag.message_primary:
+        # PostgreSQL's detail names the value ('Token "NaN" is invalid.').
+        reason = " ".join(filter(None, (diag.message_primary, diag.message_detail)))
     log.info("refused a value for %s %s: %s", request.method, request.url.path, reason)
     return JSONResponse(
         {"detail": f"a value in the request cannot be stored: {reason}"},
