@@ -181,6 +181,45 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Concurrent activity task polls of a worker."
     )
 
+    # Security: hostile input, rate limits, payload encryption (issue 9, parts 4 to 6).
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="Largest request body, in bytes (contact imports have import_max_bytes).",
+    )
+    max_json_depth: int = Field(
+        default=32, ge=2, description="Deepest nesting of arrays and objects in a JSON body."
+    )
+    rate_limit_window_seconds: int = Field(
+        default=60, ge=1, description="Length of the fixed window the rate limits count in."
+    )
+    tracking_rate_limit_per_ip: int = Field(
+        default=600,
+        ge=1,
+        description="Open-pixel and click requests one client address may make per window "
+        "(mail providers' image proxies fetch many recipients' pixels from few addresses).",
+    )
+    tracking_rate_limit_per_token: int = Field(
+        default=60, ge=1, description="Open-pixel or click requests per link per window."
+    )
+    unsubscribe_rate_limit_per_ip: int = Field(
+        default=60, ge=1, description="Unsubscribe requests one client address may make."
+    )
+    unsubscribe_rate_limit_per_token: int = Field(
+        default=10, ge=1, description="Unsubscribe requests per unsubscribe link per window."
+    )
+    payload_keys: str = Field(
+        default="",
+        repr=False,
+        description="AES-256-GCM keys that encrypt workflow payloads (contact PII) in "
+        "Temporal, as comma-separated kid:base64key; the first encrypts, all decrypt. "
+        "Empty: payloads are stored in plain JSON.",
+    )
+    codec_cors_origins: str = Field(
+        default="http://127.0.0.1:8233,http://localhost:8233",
+        description="Comma-separated Temporal UI origins allowed to call the codec server.",
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

@@ -26,6 +26,7 @@ from activities.messaging import MessagingActivities
 from activities.optimisation import OptimisationActivities
 from activities.refresh import AudienceActivities
 from activities.webhooks import WebhookActivities
+from models.codec import data_converter
 from settings import Settings, get_settings
 from workflows.audience_refresh import AudienceRefreshWorkflow, ensure_audience_schedule
 from workflows.crm_sync import CrmSyncWorkflow
@@ -90,7 +91,11 @@ def build_worker(client: Client, settings: Settings, task_queue: str | None = No
 async def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     settings = get_settings()
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    client = await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=data_converter(settings),
+    )
     await ensure_audience_schedule(client, settings)
     worker = build_worker(client, settings)
     stop = asyncio.Event()

@@ -10,21 +10,63 @@ from dataclasses import dataclass
 from typing import Any
 
 import css_inline
-from jinja2 import ChainableUndefined, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import ChainableUndefined, TemplateSyntaxError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 
 def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
+# Templates are written by API users: the sandbox refuses attribute access to internals
+# (``__class__``, ``__globals__``, ``_`` names) and mutation; these bound what a template
+# can make the renderer allocate (a power or a repeated string of gigabytes, computed even
+# at save time when Jinja folds constants).
+MAX_SEQUENCE = 100_000
+MAX_POWER_BITS = 4096
+MAX_WIDTH = 1_000
+
+
+def _check_size(operator: str, left: Any, right: Any) -> None:
+    if operator == "**" and isinstance(left, int | float) and isinstance(right, int | float):
+        bits = max(abs(int(left)), 2).bit_length()
+        if right > 0 and bits * right > MAX_POWER_BITS:
+            raise SecurityError(f"{left} ** {right} is too large for a template")
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+            if sized and len(seq) * times > MAX_SEQUENCE:
+                raise SecurityError(f"repeating a sequence to over {MAX_SEQUENCE} items")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_size(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+
+def _capped(name: str, filter_: Any) -> Any:
+    def capped(value: Any, width: Any = 80, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(width, int) and width > MAX_WIDTH:
+            raise SecurityError(f"{name} width {width} is over {MAX_WIDTH}")
+        return filter_(value, width, *args, **kwargs)
+
+    return capped
+
+
 def _environment(autoescape: bool) -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         autoescape=autoescape,
         undefined=ChainableUndefined,
         finalize=_finalize,
         keep_trailing_newline=True,
     )
+    # The filters whose width argument is allocated (truncate and wordwrap only shorten).
+    for name in ("center", "indent"):
+        env.filters[name] = _capped(name, env.filters[name])
+    return env
 
 
 _HTML = _environment(autoescape=True)
@@ -40,9 +82,26 @@ def check_template(part: str, source: str | None, *, html: bool = False) -> None
     if not source:
         return
     try:
-        (_HTML if html else _PLAIN).parse(source)
+        tree = (_HTML if html else _PLAIN).parse(source)
     except TemplateSyntaxError as err:
         raise TemplateError(f"{part}: line {err.lineno}: {err.message}") from None
+    for name, lineno in _private_names(tree):
+        # The sandbox would render these empty; refusing them at save says so at once.
+        raise TemplateError(f"{part}: line {lineno}: {name!r} is private to the template engine")
+
+
+def _private_names(tree: nodes.Template) -> list[tuple[str, int]]:
+    """Attribute names starting with ``_`` (``x._y``, ``x|attr('_y')``) and dunder keys
+    (``x['__class__']``; other keys are dictionary lookups, which the sandbox allows)."""
+    found = [(n.attr, n.lineno) for n in tree.find_all(nodes.Getattr) if n.attr.startswith("_")]
+    for item in tree.find_all(nodes.Getitem):
+        if isinstance(item.arg, nodes.Const) and str(item.arg.value).startswith("__"):
+            found.append((str(item.arg.value), item.lineno))
+    for filter_ in tree.find_all(nodes.Filter):
+        name = filter_.args[0] if filter_.name == "attr" and filter_.args else None
+        if isinstance(name, nodes.Const) and str(name.value).startswith("_"):
+            found.append((str(name.value), filter_.lineno))
+    return found
 
 
 @dataclass

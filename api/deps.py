@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -13,6 +12,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from api.keys import ApiKeyPrincipal, Scope, authenticate_key
+from models.codec import data_converter
 from models.db import session_scope
 from settings import Settings
 
@@ -40,7 +41,10 @@ async def connect_temporal(settings: Settings) -> Client:
     API starts, and stores events, while Temporal is down (``or_defer`` and the 503 handler
     in api/main.py deal with the calls that fail meanwhile)."""
     return await Client.connect(
-        settings.temporal_address, namespace=settings.temporal_namespace, lazy=True
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        lazy=True,
+        data_converter=data_converter(settings),
     )
 
 
@@ -72,13 +76,48 @@ def _basic_username(request: Request) -> str | None:
     return username or None
 
 
-def require_api_key(
+def presented_key(
+    request: Request,
+    bearer: HTTPAuthorizationCredentials | None,
+    header: str | None,
+) -> str | None:
+    return bearer.credentials if bearer else header or _basic_username(request)
+
+
+# The one place that says which scope each /v1 route needs: reads (GET) need ``read``,
+# everything else ``write``, except the routes named here (by endpoint function, so a
+# path or prefix change cannot move a route to a weaker scope).
+ADMIN_MODULES = ("api.routes.api_keys",)
+# POSTs that change nothing: a read key may preview and validate.
+READ_ONLY_POSTS = frozenset(
+    {
+        "api.routes.segments.preview_segment",
+        "api.routes.journeys.validate_journey",
+        "api.routes.templates.preview_template",
+    }
+)
+
+
+def required_scope(request: Request) -> Scope:
+    endpoint = request.scope.get("endpoint")
+    module = getattr(endpoint, "__module__", "")
+    name = f"{module}.{getattr(endpoint, '__qualname__', '')}"
+    if module in ADMIN_MODULES:
+        return Scope.admin
+    if request.method in ("GET", "HEAD", "OPTIONS") or name in READ_ONLY_POSTS:
+        return Scope.read
+    return Scope.write
+
+
+async def require_api_key(
     request: Request,
     settings: SettingsDep,
+    session: SessionDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
-) -> None:
-    given = bearer.credentials if bearer else header or _basic_username(request)
+) -> ApiKeyPrincipal:
+    """The caller's key, checked and allowed the route's scope (401 unknown, 403 scope)."""
+    given = presented_key(request, bearer, header)
     if not given:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
@@ -86,9 +125,22 @@ def require_api_key(
             "or HTTP Basic auth with the key as username",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not settings.api_key or not secrets.compare_digest(
-        given.encode(), settings.api_key.encode()
-    ):
+    principal = await authenticate_key(session, settings, given)
+    if principal is None:
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid API key",
+            headers={"WWW-Authenticate": "Bearer"},
         )
+    needed = required_scope(request)
+    if not principal.allows(needed):
+        have = ", ".join(sorted(principal.scopes)) or "none"
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this API key lacks the {needed.value!r} scope (it has: {have})",
+        )
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[ApiKeyPrincipal, Depends(require_api_key)]

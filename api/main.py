@@ -16,7 +16,11 @@ from temporalio.service import RPCError
 
 from activities.delivery import temporal_unavailable
 from api.deps import SessionDep, connect_temporal, require_api_key
+from api.guard import InputGuard
+from api.openapi import document_errors
 from api.routes import (
+    api_keys,
+    codec,
     contacts,
     enrollments,
     events,
@@ -68,6 +72,22 @@ async def _temporal_down(request: Request, err: Exception) -> JSONResponse:
     return _unavailable("Temporal unavailable, retry later")
 
 
+async def _unstorable_value(request: Request, err: Exception) -> JSONResponse:
+    """A value PostgreSQL refuses (a NUL character, a lone surrogate, a number out of
+    range): the client's data, so a 422 and nothing stored (the session rolled back)."""
+    cause = getattr(err, "orig", None) or err
+    diag = getattr(cause, "diag", None)
+    reason = str(cause).splitlines()[0]
+    if diag is not None and diag.message_primary:
+        # PostgreSQL's detail names the value ('Token "NaN" is invalid.').
+        reason = " ".join(filter(None, (diag.message_primary, diag.message_detail)))
+    log.info("refused a value for %s %s: %s", request.method, request.url.path, reason)
+    return JSONResponse(
+        {"detail": f"a value in the request cannot be stored: {reason}"},
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
 def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
     """Build the app; pass ``temporal`` to share a client (tests), else it makes one that
     connects on first use, so the API starts (and stores events) while Temporal is down."""
@@ -89,8 +109,12 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     )
     app.state.settings = settings
     app.state.temporal = temporal
+    # Oversized, deeply nested and non-UTF-8 bodies are refused before any route reads them.
+    app.add_middleware(InputGuard, settings=settings)
     for database_error in DATABASE_DOWN:
         app.add_exception_handler(database_error, _database_down)
+    for data_error in (sqlalchemy.exc.DataError, psycopg.DataError):
+        app.add_exception_handler(data_error, _unstorable_value)
     for temporal_error in (RPCError, RuntimeError):
         app.add_exception_handler(temporal_error, _temporal_down)
 
@@ -98,6 +122,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     for module in (contacts, events, journeys, enrollments, templates, segments, scoring):
         v1.include_router(module.router)
     v1.include_router(splits.router)  # A/B winner tests: /v1/journeys/{key}/splits/{step}
+    # Key management (admin scope, see api/deps.py ADMIN_ROUTES).
+    v1.include_router(api_keys.router)
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
     app.include_router(v1)
@@ -108,10 +134,13 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     # Unsubscribe links in mail are authenticated by their signed token, not the API key.
     app.include_router(unsubscribe.router)
     app.include_router(tracking.router)
+    # The Temporal UI's codec server: decrypts for admin keys only (api/routes/codec.py).
+    app.include_router(codec.router)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz(session: SessionDep) -> dict[str, str]:
         await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
         return {"status": "ok"}
 
+    document_errors(app)
     return app

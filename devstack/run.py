@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import httpx
 from devstack.examples import load_examples
 from devstack.postgres import create_database, migrate, start_embedded, stop_embedded
 from devstack.temporal import cli_type
+from models.codec import new_key
 from models.contracts import SEARCH_ATTRIBUTES
 from settings import PROJECT_DIR, Settings, generate_api_key
 
@@ -54,12 +56,14 @@ def wait_until(
     raise SystemExit(f"{what} did not come up within {seconds:.0f}s")
 
 
-def kept_secret(configured: str | None, path: Path) -> str:
+def kept_secret(
+    configured: str | None, path: Path, generate: Callable[[], str] = generate_api_key
+) -> str:
     """The configured secret, else one generated once and kept in the data directory."""
     if configured:
         return configured
     if not path.exists():
-        path.write_text(generate_api_key())
+        path.write_text(generate())
         path.chmod(0o600)
     return path.read_text().strip()
 
@@ -84,7 +88,7 @@ class Stack:
         say(f"PostgreSQL: embedded, data in {self.embedded_pg}")
         return create_database(server, "nurture")
 
-    def temporal(self, env: dict[str, str]) -> None:
+    def temporal(self, env: dict[str, str], codec_endpoint: str | None = None) -> None:
         target = urlsplit("//" + self.settings.temporal_address)
         host, port = target.hostname or "127.0.0.1", target.port or 7233
         if port_open(host, port):
@@ -101,6 +105,9 @@ class Stack:
         ]  # fmt: skip
         for key in SEARCH_ATTRIBUTES:
             args += ["--search-attribute", f"{key.name}={cli_type(key)}"]
+        if codec_endpoint:
+            # The UI decrypts payloads through the API's codec server (api/routes/codec.py).
+            args += ["--ui-codec-endpoint", codec_endpoint]
         proc = self.spawn("temporal", args, env)
         wait_until(lambda: port_open(host, port), "the Temporal dev server", 60, proc)
         say(f"Temporal: dev server on {host}:{port}, UI on {self.settings.temporal_ui_url}")
@@ -139,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         api_key = kept_secret(settings.api_key, settings.data_dir / "api_key")
         webhook_secret = kept_secret(settings.webhook_secret, settings.data_dir / "webhook_secret")
+        # Contact PII in workflow histories is encrypted (models/codec.py), as in production.
+        payload_keys = kept_secret(
+            settings.payload_keys, settings.data_dir / "payload_keys", lambda: new_key("dev1")
+        )
         database_url = stack.database()
         migrate(database_url)
         say("database migrated")
@@ -147,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             "NURTURE_DATABASE_URL": database_url,
             "NURTURE_API_KEY": api_key,
             "NURTURE_WEBHOOK_SECRET": webhook_secret,
+            "NURTURE_PAYLOAD_KEYS": payload_keys,
             "NURTURE_DATA_DIR": str(settings.data_dir),
         }
-        stack.temporal(env)
+        base = f"http://{settings.api_host}:{settings.api_port}"
+        # The dev server's UI cannot send an Authorization header: the key goes in the path
+        # (the UI is local; whoever opens it is the operator the key belongs to).
+        stack.temporal(env, f"{base}/codec/key/{api_key}")
         worker = stack.spawn("worker", [sys.executable, "worker.py"], env)
         api = stack.spawn(
             "api",
@@ -160,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
             ],
             env,
         )  # fmt: skip
-        base = f"http://{settings.api_host}:{settings.api_port}"
 
         def healthy() -> bool:
             try:

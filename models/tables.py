@@ -488,3 +488,34 @@ class SplitAssignment(SQLModel, table=True):
     contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE")
     variant: str = Field(max_length=64)
     assigned_at: datetime = _ts(nullable=False)
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: only its SHA-256 is stored (the key is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        sa.UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+        sa.Index("ix_api_keys_prefix", "prefix"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=200)
+    # The key's first characters, shown in listings and used to find the row.
+    prefix: str = Field(max_length=32)
+    key_hash: str = Field(max_length=64)
+    scopes: list[str] = Field(default_factory=list, sa_type=ARRAY(sa.String()), nullable=False)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    last_used_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
+
+
+class RateLimitCounter(SQLModel, table=True):
+    """Requests counted per (bucket, fixed window), shared by every API process."""
+
+    __tablename__ = "rate_limit_counters"
+    __table_args__ = (sa.Index("ix_rate_limit_counters_window_start", "window_start"),)
+
+    bucket: str = Field(max_length=200, primary_key=True)
+    window_start: datetime = Field(sa_type=sa.DateTime(timezone=True), primary_key=True)
+    count: int = 0

@@ -3,7 +3,9 @@ process, API process, example journey; API -> dev server -> worker -> outbox."""
 
 from __future__ import annotations
 
+import base64
 import email
+import json
 import os
 import signal
 import socket
@@ -158,6 +160,67 @@ def test_example_journey_end_to_end(nurture: RunningNurture) -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert enrolled["workflow_id"] in listed
+
+
+def payload_bytes(history_json: str) -> bytes:
+    """Every payload's data in a ``temporal workflow show -o json`` history (base64 there)."""
+    found: list[bytes] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), str) and "metadata" in node:
+                found.append(base64.b64decode(node["data"]))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(history_json))
+    return b"\n".join(found)
+
+
+def test_run_command_encrypts_histories_and_the_ui_decodes_them(nurture: RunningNurture) -> None:
+    """The run command keeps a payload key, the dev server's UI is pointed at the API's
+    codec server, and a journey's history holds the contact's email only as ciphertext."""
+    codec = f"http://127.0.0.1:{nurture.api_port}/codec/key/e2e-key"
+    ui_settings = httpx.get(f"http://127.0.0.1:{nurture.ui_port}/api/v1/settings", timeout=10)
+    assert ui_settings.json()["Codec"]["Endpoint"] == codec
+    assert (nurture.data_dir / "payload_keys").read_text().startswith("dev1:")
+    with nurture.api() as api:
+        api.post("/v1/contacts", json={"email": "ida@example.com",
+                                       "attributes": {"first_name": "Ida"}})  # fmt: skip
+        enrolled = api.post(
+            "/v1/journeys/trial-nurture/enrollments", json={"email": "ida@example.com"}
+        ).json()["enrollment"]
+        poll(
+            lambda: (
+                api.get(f"/v1/enrollments/{enrolled['id']}").json().get("current_step") == "opened"
+            ),
+            "the offer to be sent",
+        )
+        # The open carries a property into the workflow; the branch then reads the contact.
+        opened = {"id": "open-ida-1", "email": "ida@example.com", "name": "email_opened",
+                  "properties": {"by": "Ida T"}}  # fmt: skip
+        api.post("/v1/events", json=opened)
+        poll(
+            lambda: api.get(f"/v1/enrollments/{enrolled['id']}").json()["status"] != "active",
+            "the journey to end",
+        )
+    shown = subprocess.run(
+        [str(Path(sys.executable).parent / "temporal"), "workflow", "show",
+         "--address", f"127.0.0.1:{nurture.temporal_port}", "-w", enrolled["workflow_id"],
+         "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert b"ida@example.com" not in payload_bytes(shown) and b"Ida" not in payload_bytes(shown)
+    decoded = subprocess.run(
+        [str(Path(sys.executable).parent / "temporal"), "workflow", "show",
+         "--address", f"127.0.0.1:{nurture.temporal_port}", "-w", enrolled["workflow_id"],
+         "-o", "json", "--codec-endpoint", codec],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert b"ida@example.com" in payload_bytes(decoded) and b"Ida T" in payload_bytes(decoded)
 
 
 def test_run_command_stops_everything_on_ctrl_c(nurture: RunningNurture) -> None:

@@ -10,6 +10,7 @@ from sqlmodel import col, func, select
 
 from activities.enrollments import EnrollmentRefused, enroll
 from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.guard import load_yaml
 from api.routes.enrollments import enrollment_public
 from api.schemas import (
     EnrollIn,
@@ -29,6 +30,7 @@ from models.journey import (
     parse_journey,
 )
 from models.tables import Journey, JourneyStatus, JourneyVersion, Segment, Template, utcnow
+from settings import Settings
 
 router = APIRouter(prefix="/journeys", tags=["journeys"])
 
@@ -55,11 +57,12 @@ def invalid(problems: list[dict[str, Any]]) -> HTTPException:
 
 async def read_document(request: Request) -> tuple[dict[str, Any], JourneyDocument]:
     """Decode a JSON or YAML body and validate it as a journey document."""
+    settings: Settings = request.app.state.settings
     raw_body = await request.body()
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     try:
         if content_type in ("application/yaml", "application/x-yaml", "text/yaml"):
-            raw = yaml.safe_load(raw_body.decode("utf-8"))
+            raw = load_yaml(raw_body.decode("utf-8"), settings.max_json_depth)
         elif content_type == "application/json":
             raw = json.loads(raw_body)
         else:

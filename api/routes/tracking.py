@@ -12,18 +12,20 @@ import hashlib
 import uuid
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.responses import RedirectResponse, Response
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.ratelimit import limit_tracking
 from api.routes.webhooks import _signal_undelivered, _store_event, advance
 from api.tokens import tracking_key, verify, verify_url
 from models.tables import Message, MessageChannel, MessageStatus, utcnow
 from settings import Settings
 
-router = APIRouter(prefix="/t", tags=["tracking"])
+# Rate limited per client address and per token (api/ratelimit.py).
+router = APIRouter(prefix="/t", tags=["tracking"], dependencies=[Depends(limit_tracking)])
 
 SOURCE = "tracking"
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")

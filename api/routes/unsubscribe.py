@@ -11,10 +11,11 @@ import html
 import uuid
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.ratelimit import limit_unsubscribe
 from api.routes.webhooks import _signal_undelivered, _store_event, _suppress, advance
 from api.tokens import tracking_key, verify
 from models.tables import (
@@ -28,7 +29,8 @@ from models.tables import (
 )
 from settings import Settings
 
-router = APIRouter(prefix="/u", tags=["compliance"])
+# Rate limited per client address and per token (api/ratelimit.py).
+router = APIRouter(prefix="/u", tags=["compliance"], dependencies=[Depends(limit_unsubscribe)])
 
 TOKEN_KIND = "unsubscribe"
 SOURCE = "list-unsubscribe"
