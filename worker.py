@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.contacts import ContactActivities, ContactUpdateActivities
+from activities.counters import start_metrics_server
 from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
 from activities.inbox import InboxDrain
@@ -74,6 +75,8 @@ async def main() -> None:
     settings = get_settings()
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     await ensure_audience_schedule(client, settings)
+    if settings.worker_metrics_port is not None:
+        start_metrics_server(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = build_worker(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

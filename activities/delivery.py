@@ -27,6 +27,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.audience import AudienceChanges, refresh_audience
+from activities.counters import SIGNALS_SENT
 from activities.enrollments import EnrollmentRefused, enroll
 from activities.snapshots import contact_snapshot
 from models.conditions import evaluate
@@ -382,6 +383,7 @@ def _uuids(values: Sequence[uuid.UUID]) -> Any:
 async def _signal(temporal: Client, workflow_id: str, name: str, arg: Any) -> bool:
     try:
         await temporal.get_workflow_handle(workflow_id).signal(name, arg)
+        SIGNALS_SENT.labels(name).inc()
         return True
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:

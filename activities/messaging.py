@@ -19,6 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio import activity
 
 from activities.contacts import snapshot
+from activities.counters import PROVIDER_ERRORS
 from activities.providers import (
     EmailProvider,
     ProviderRejected,
@@ -173,8 +174,11 @@ class MessagingActivities:
         try:
             provider_id, subject = await self._deliver(channel, message, template, input, context)
         except (TemplateError, ProviderRejected) as err:
+            if isinstance(err, ProviderRejected):
+                PROVIDER_ERRORS.labels(channel, "rejected").inc()
             return await self._fail(message, str(err))
         except ProviderRetryable as err:
+            PROVIDER_ERRORS.labels(channel, "retryable").inc()
             if not err.may_have_reached:
                 # Provably not accepted: the retry may call the provider again.
                 await self._set_status(message, MessageStatus.pending, MessageStatus.sending)

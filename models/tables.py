@@ -427,3 +427,15 @@ class ScoringModel(SQLModel, table=True):
     key: str = Field(max_length=64, primary_key=True)
     document: dict[str, Any] = _jsonb()
     updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class SegmentSize(SQLModel, table=True):
+    """A segment's member count at one full audience refresh: its size over time."""
+
+    __tablename__ = "segment_sizes"
+    __table_args__ = (sa.Index("ix_segment_sizes_segment_measured", "segment_id", "measured_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    segment_id: uuid.UUID = Field(foreign_key="segments.id", ondelete="CASCADE")
+    measured_at: datetime = _ts(nullable=False, default_now=True)
+    size: int
