@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from activities.audience import refresh_audience
-from api.analytics import MessageFilter, message_metrics
+from api.analytics import MESSAGE_COUNTS, MessageFilter, message_metrics
 from api.main import create_app
 from models.db import session_scope
 from models.tables import (
@@ -155,9 +155,7 @@ async def _fixture(settings: Settings) -> Fixture:
 
 
 def _messages(**counts: int) -> dict[str, int]:
-    names = ("total", "sent", "delivered", "opened", "clicked", "bounced", "complained")
-    names += ("unsubscribed", "failed", "skipped")
-    return {name: counts.get(name, 0) for name in names}
+    return {name: counts.get(name, 0) for name in MESSAGE_COUNTS}
 
 
 def _pick(row: dict[str, Any], names: dict[str, Any]) -> dict[str, Any]:
