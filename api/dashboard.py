@@ -285,6 +285,9 @@ async def journey_page(
         "values": [e["enrolled"], got, opened, clicked, e["conversions"]],
     }
     graph = journey_svg(document, _step_lines(document, report)) if document else None
+    if document is not None:  # steps in the document's order, then any of older versions
+        order = {step.id: n for n, step in enumerate(document.steps)}
+        report["by_step"].sort(key=lambda s: (order.get(s["step"], len(order)), s["step"]))
     versions = (
         await session.exec(
             select(JourneyVersion.version)

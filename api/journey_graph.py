@@ -16,6 +16,7 @@ from models.journey import JourneyDocument
 NODE_W, NODE_H = 230, 74
 GAP_X, GAP_Y = 36, 52
 MARGIN = 24
+LEFT_MARGIN = 90  # room for the arrows that skip layers
 # Steps that go on to the next step when done (others jump, or end the run).
 FALLS_THROUGH = {"wait", "email", "sms", "update_contact", "crm", "webhook", "enroll"}
 COLOURS = {
@@ -82,7 +83,15 @@ def edges_of(document: JourneyDocument) -> list[Edge]:
             edges.append(Edge(step.id, step.step))  # type: ignore[union-attr]
         elif kind in FALLS_THROUGH and following:
             edges.append(Edge(step.id, following))
-    return edges
+    # One arrow per pair of steps, naming every way along it ("purchase / timeout").
+    merged: dict[tuple[str, str], Edge] = {}
+    for edge in edges:
+        seen = merged.get((edge.source, edge.target))
+        if seen is None:
+            merged[(edge.source, edge.target)] = edge
+        elif edge.label and edge.label not in seen.label.split(" / "):
+            seen.label = f"{seen.label} / {edge.label}" if seen.label else edge.label
+    return list(merged.values())
 
 
 def layout(document: JourneyDocument, lines: dict[str, list[str]]) -> tuple[list[Node], list[Edge]]:
@@ -105,7 +114,7 @@ def layout(document: JourneyDocument, lines: dict[str, list[str]]) -> tuple[list
     width = widest * NODE_W + (widest - 1) * GAP_X
     for layer, row in layers.items():
         row_width = len(row) * NODE_W + (len(row) - 1) * GAP_X
-        left = MARGIN + (width - row_width) / 2
+        left = LEFT_MARGIN + (width - row_width) / 2
         for column, node in enumerate(row):
             node.x = left + column * (NODE_W + GAP_X)
             node.y = MARGIN + layer * (NODE_H + GAP_Y)
@@ -117,6 +126,9 @@ def journey_svg(document: JourneyDocument, lines: dict[str, list[str]]) -> Marku
     nodes, edges = layout(document, lines)
     by_id = {n.id: n for n in nodes}
     width = max(n.x for n in nodes) + NODE_W + MARGIN + 80
+    left_lane = min(n.x for n in nodes) - 30
+    right_lane = max(n.x for n in nodes) + NODE_W + 30
+    centre = (left_lane + right_lane) / 2
     height = max(n.y for n in nodes) + NODE_H + MARGIN
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="journey-graph" role="img" '
@@ -128,7 +140,17 @@ def journey_svg(document: JourneyDocument, lines: dict[str, list[str]]) -> Marku
     ]
     for edge in edges:
         a, b = by_id[edge.source], by_id[edge.target]
-        if b.layer > a.layer:
+        if b.layer > a.layer + 1:  # skips layers: along a side, clear of the boxes between
+            right = a.x + NODE_W / 2 > centre + 1  # a box right of centre takes the right lane
+            x1, y1 = (a.x + NODE_W if right else a.x), a.y + NODE_H / 2
+            x2, y2 = (b.x + NODE_W if right else b.x), b.y + NODE_H / 2
+            lane = right_lane if right else min(left_lane, x1 - 30, x2 - 30)
+            path = (
+                f"M{x1:.0f},{y1:.0f} C{lane:.0f},{y1:.0f} {lane:.0f},{y1:.0f} {lane:.0f},"
+                f"{(y1 + y2) / 2:.0f} S{lane:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"
+            )
+            lx, ly = lane + 4, (y1 + y2) / 2
+        elif b.layer > a.layer:
             x1, y1 = a.x + NODE_W / 2, a.y + NODE_H
             x2, y2 = b.x + NODE_W / 2, b.y
             mid = (y1 + y2) / 2
