@@ -9,6 +9,8 @@ import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import httpx
@@ -153,11 +155,9 @@ async def _wait_exited(settings: Settings, enrollment_id: str) -> None:
 
 async def _track(api: httpx.AsyncClient, settings: Settings, message: Message) -> None:
     """Open the email (pixel) and click its link, through the real tracking endpoints."""
-    from email import message_from_bytes, policy
-
     raw = (settings.outbox_path / "email" / f"{message.id}.eml").read_bytes()
-    parsed = message_from_bytes(raw, policy=policy.default)
-    part = parsed.get_body(("html",))  # type: ignore[attr-defined]
+    part = BytesParser(policy=policy.default).parsebytes(raw).get_body(("html",))
+    assert part is not None
     html = str(part.get_content())
     base = re.escape(settings.public_url.rstrip("/"))
     [pixel] = re.findall(rf'<img src="{base}(/t/o/[^"]+\.gif)"', html)
@@ -272,7 +272,9 @@ async def test_dashboard_pages_in_chromium_after_an_end_to_end_journey(
     serving = asyncio.create_task(server.serve())
     base = f"http://127.0.0.1:{port}"
     try:
-        while not server.started:
+        for _ in range(200):  # uvicorn has no start event to await
+            if server.started:
+                break
             await asyncio.sleep(0.05)
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM)
