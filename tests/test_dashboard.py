@@ -16,18 +16,21 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+import yaml
 from playwright.async_api import Page, async_playwright
 from sqlmodel import col, select
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from api.dashboard import COOKIE, dashboard_key_ok, make_session, session_ok, untracked
+from api.journey_graph import edges_of, journey_svg
 from api.main import create_app
 from api.tokens import sign, track_html, tracking_key
 from models.db import session_scope
+from models.journey import parse_journey
 from models.tables import Enrollment, EnrollmentStatus, Message
 from settings import Settings
-from tests.helpers import contact, enroll, publish, put_template, unique, wait_for_step
+from tests.helpers import EXAMPLES, contact, enroll, publish, put_template, unique, wait_for_step
 
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / "journey.png"
@@ -380,3 +383,39 @@ async def test_dashboard_pages_answer_bad_input_with_a_clear_4xx(
     anonymous.cookies.clear()
     anonymous.cookies.set(COOKIE, "v1.9999999999.x.forged", path="/dashboard")
     assert (await anonymous.get("/dashboard")).status_code == 303
+
+
+def test_journey_graph_draws_every_step_and_jump_including_loops() -> None:
+    document = parse_journey(
+        yaml.safe_load((EXAMPLES / "journeys" / "trial-nurture.yaml").read_text())
+    )
+    edges = {(e.source, e.target, e.label) for e in edges_of(document)}
+    assert edges == {
+        ("settle", "offer", ""),
+        ("offer", "opened", ""),
+        ("opened", "persona", "email_opened"),
+        ("opened", "resend", "timeout"),
+        ("resend", "resend-opened", ""),
+        ("resend-opened", "persona", "email_opened"),
+        ("resend-opened", "done", "timeout"),
+        ("persona", "exec-track", "case 1"),
+        ("persona", "practitioner-track", "else"),
+        ("exec-track", "exec-done", ""),
+        ("exec-done", "done", ""),
+        ("practitioner-track", "done", ""),
+    }
+    looping = parse_journey(
+        {
+            "key": "loop",
+            "name": "loop",
+            "steps": [
+                {"id": "nudge", "type": "email", "template": "t"},
+                {"id": "wait", "type": "wait", "duration": "1d"},
+                {"id": "again", "type": "goto", "step": "nudge"},
+            ],
+        }
+    )
+    svg = str(journey_svg(looping, {"nudge": ["sent 3 <b>"]}))
+    assert svg.count('class="step"') == 3
+    assert 'data-from="again" data-to="nudge"' in svg  # the loop is drawn, going back up
+    assert "sent 3 &lt;b&gt;" in svg  # text is escaped
