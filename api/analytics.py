@@ -1,7 +1,9 @@
 """Journey, message and segment metrics, computed in SQL on PostgreSQL.
 
-Two reusable aggregates, each one scan with ``GROUPING SETS`` so the totals and every
-breakdown come from the same pass:
+Two reusable aggregates. Counts come from one scan grouped at the finest grain asked
+(e.g. version x step x variant: a handful of groups), and the totals and each breakdown are
+summed from those groups; the figures that do not add up (median time to convert, revenue)
+come from a ``GROUPING SETS`` query over the conversions only:
 
 - ``message_metrics(session, MessageFilter, dimensions)``: counts and rates of messages
   matching any filter (journey, version, step, variant, channel...), broken down by the
@@ -83,16 +85,18 @@ _MESSAGE_AGGREGATES = """
 # The goal event: the last event named in the goal ("exit_when met by event <name>") that
 # Nurture received while the enrollment ran. Its numeric value or revenue is attributed.
 _GOAL_PREFIX = "exit_when met by event "
-_ENROLLMENT_AGGREGATES = """
+_ENROLLMENT_COUNTS = """
     count(*) AS enrolled,
     count(*) FILTER (WHERE en.status = 'active') AS active,
     count(*) FILTER (WHERE en.status = 'completed') AS completed,
     count(*) FILTER (WHERE en.status = 'exited') AS exited,
     count(*) FILTER (WHERE en.status = 'failed') AS failed,
-    count(*) FILTER (WHERE en.goal IS NOT NULL) AS conversions,
+    count(*) FILTER (WHERE en.goal IS NOT NULL) AS conversions
+"""
+_CONVERSION_AGGREGATES = """
     percentile_cont(0.5) WITHIN GROUP (
         ORDER BY extract(epoch FROM en.ended_at - en.started_at)
-    ) FILTER (WHERE en.goal IS NOT NULL AND en.ended_at IS NOT NULL) AS median_conversion_seconds,
+    ) FILTER (WHERE en.ended_at IS NOT NULL) AS median_conversion_seconds,
     sum(goal.value) AS revenue
 """
 _GOAL_EVENT = """
@@ -193,24 +197,50 @@ def _ratio(top: Any, bottom: Any) -> float | None:
     return round(float(top) / float(bottom), 4) if bottom else None
 
 
-def _grouping_sets(dimensions: Sequence[str], columns: dict[str, str]) -> tuple[str, str]:
-    """SELECT list of the dimension columns with GROUPING() flags, and the GROUP BY clause:
-    the totals plus one grouping set per dimension."""
+def _check(dimensions: Sequence[str], columns: dict[str, str]) -> None:
     unknown = [d for d in dimensions if d not in columns]
     if unknown:
         raise ValueError(f"unknown dimension(s): {', '.join(unknown)}")
+
+
+def _fine_grouping(dimensions: Sequence[str], columns: dict[str, str]) -> tuple[str, str]:
+    """SELECT list and GROUP BY of every dimension together: the finest grain, few groups
+    (versions x steps x variants), one hash aggregate; the totals and per-dimension rows
+    are sums of these (the counts are additive)."""
+    _check(dimensions, columns)
+    if not dimensions:
+        return "", ""
+    select = "".join(f"{columns[d]} AS d_{d},\n" for d in dimensions)
+    return select, "GROUP BY " + ", ".join(columns[d] for d in dimensions)
+
+
+def _grouping_sets(dimensions: Sequence[str], columns: dict[str, str]) -> tuple[str, str]:
+    """SELECT list of the dimension columns with GROUPING() flags, and the GROUP BY clause:
+    the totals plus one grouping set per dimension (for figures that do not add up)."""
+    _check(dimensions, columns)
     select = [f"{columns[d]} AS d_{d}, GROUPING({columns[d]}) AS g_{d}" for d in dimensions]
     sets = ", ".join(["()"] + [f"({columns[d]})" for d in dimensions])
     return "".join(s + ",\n" for s in select), f"GROUP BY GROUPING SETS ({sets})"
 
 
-def _rows(result: Any, dimensions: Sequence[str], counts: Sequence[str]) -> list[MetricsRow]:
-    rows: list[MetricsRow] = []
-    for row in result.mappings():
-        key = {d: row[f"d_{d}"] for d in dimensions if row[f"g_{d}"] == 0}
-        values = {name: row[name] for name in counts}
-        rows.append(MetricsRow(key=key, counts=values))
-    return rows
+def _roll_up(result: Any, dimensions: Sequence[str], counts: Sequence[str]) -> list[MetricsRow]:
+    """The totals and one row per value of each dimension, summed from the fine groups."""
+    rows: dict[tuple[str, Any], MetricsRow] = {("", None): MetricsRow({}, dict.fromkeys(counts, 0))}
+    for fine in result.mappings():
+        for dimension in ("", *dimensions):
+            value = fine[f"d_{dimension}"] if dimension else None
+            row = rows.get((dimension, value))
+            if row is None:
+                row = rows[(dimension, value)] = MetricsRow(
+                    {dimension: value}, dict.fromkeys(counts, 0)
+                )
+            for name in counts:
+                row.counts[name] += fine[name] or 0
+    return list(rows.values())
+
+
+def _where(clauses: list[str]) -> str:
+    return f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
 
 async def message_metrics(
@@ -218,7 +248,7 @@ async def message_metrics(
 ) -> list[MetricsRow]:
     """Counts of the messages matching ``where``: the totals (``key == {}``) first, then
     one row per value of each dimension."""
-    select, group_by = _grouping_sets(dimensions, _MESSAGE_DIMENSIONS)
+    select, group_by = _fine_grouping(dimensions, _MESSAGE_DIMENSIONS)
     clauses, params = where.clauses()
     needs_version = "version" in dimensions or where.version is not None
     joins = (
@@ -228,33 +258,51 @@ async def message_metrics(
         else ""
     )
     sql = (
-        f"SELECT {select}{_MESSAGE_AGGREGATES} FROM messages m {joins} "
-        f"{'WHERE ' + ' AND '.join(clauses) if clauses else ''} {group_by}"
+        f"SELECT {select}{_MESSAGE_AGGREGATES} FROM messages m {joins} {_where(clauses)} {group_by}"
     )
     result = await (await session.connection()).execute(sa.text(sql), params)
-    return _sorted(_rows(result, dimensions, MESSAGE_COUNTS))
+    return _sorted(_roll_up(result, dimensions, MESSAGE_COUNTS))
 
 
 async def enrollment_metrics(
     session: AsyncSession, where: EnrollmentFilter, dimensions: Sequence[str] = ()
 ) -> list[MetricsRow]:
-    """Enrollment outcomes matching ``where``: the totals first, then per dimension value."""
-    select, group_by = _grouping_sets(dimensions, _ENROLLMENT_DIMENSIONS)
+    """Enrollment outcomes matching ``where``: the totals first, then per dimension value.
+
+    Counts come from one fine-grained scan; the median time to convert and the revenue
+    (which do not add up) from a GROUPING SETS query over the conversions alone."""
+    select, group_by = _fine_grouping(dimensions, _ENROLLMENT_DIMENSIONS)
     clauses, params = where.clauses()
-    params |= {"goal_like": _GOAL_PREFIX + "%", "goal_offset": len(_GOAL_PREFIX) + 1}
-    sql = (
-        f"SELECT {select}{_ENROLLMENT_AGGREGATES} FROM enrollments en "
-        "JOIN journey_versions jv ON jv.id = en.journey_version_id "
-        f"{_GOAL_EVENT} "
-        f"{'WHERE ' + ' AND '.join(clauses) if clauses else ''} {group_by}"
+    connection = await session.connection()
+    result = await connection.execute(
+        sa.text(
+            f"SELECT {select}{_ENROLLMENT_COUNTS} FROM enrollments en "
+            "JOIN journey_versions jv ON jv.id = en.journey_version_id "
+            f"{_where(clauses)} {group_by}"
+        ),
+        params,
     )
-    result = await (await session.connection()).execute(sa.text(sql), params)
-    rows = _rows(result, dimensions, (*ENROLLMENT_COUNTS, "median_conversion_seconds", "revenue"))
+    rows = _roll_up(result, dimensions, ENROLLMENT_COUNTS)
+    select, group_by = _grouping_sets(dimensions, _ENROLLMENT_DIMENSIONS)
+    params |= {"goal_like": _GOAL_PREFIX + "%", "goal_offset": len(_GOAL_PREFIX) + 1}
+    conversions = await connection.execute(
+        sa.text(
+            f"SELECT {select}{_CONVERSION_AGGREGATES} FROM enrollments en "
+            "JOIN journey_versions jv ON jv.id = en.journey_version_id "
+            f"{_GOAL_EVENT} {_where([*clauses, 'en.goal IS NOT NULL'])} {group_by}"
+        ),
+        params,
+    )
+    outcomes: dict[tuple[tuple[str, Any], ...], Any] = {}
+    for found in conversions.mappings():
+        key = {d: found[f"d_{d}"] for d in dimensions if found[f"g_{d}"] == 0}
+        outcomes[tuple(key.items())] = found
     for row in rows:
         row.counts["conversion_rate"] = _ratio(row.counts["conversions"], row.counts["enrolled"])
-        median = row.counts["median_conversion_seconds"]
+        outcome = outcomes.get(tuple(row.key.items()))
+        median = outcome["median_conversion_seconds"] if outcome else None
+        revenue = outcome["revenue"] if outcome else None
         row.counts["median_conversion_seconds"] = None if median is None else float(median)
-        revenue = row.counts["revenue"]
         row.counts["revenue"] = None if revenue is None else float(revenue)
     return _sorted(rows)
 
