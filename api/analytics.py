@@ -415,3 +415,34 @@ async def journey_report(
             for v in variants
         ],
     }
+
+
+async def journey_funnel(
+    session: AsyncSession, journey_id: uuid.UUID, version: int | None = None
+) -> tuple[int, int, int]:
+    """Enrollments that got a message, opened one, clicked one (each counted once)."""
+    version_filter = (
+        "JOIN enrollments en ON en.id = m.enrollment_id "
+        "JOIN journey_versions jv ON jv.id = en.journey_version_id AND jv.version = :version"
+        if version is not None
+        else ""
+    )
+    result = await (await session.connection()).execute(
+        sa.text(
+            f"""
+            SELECT count(*) FILTER (WHERE sent), count(*) FILTER (WHERE opened),
+                   count(*) FILTER (WHERE clicked)
+            FROM (
+                SELECT bool_or(m.sent_at IS NOT NULL) AS sent,
+                       bool_or(coalesce(m.opened_at, m.clicked_at) IS NOT NULL) AS opened,
+                       bool_or(m.clicked_at IS NOT NULL) AS clicked
+                FROM messages m {version_filter}
+                WHERE m.journey_id = :journey AND m.enrollment_id IS NOT NULL
+                GROUP BY m.enrollment_id
+            ) per_enrollment
+            """
+        ),
+        {"journey": journey_id, "version": version},
+    )
+    got, opened, clicked = result.one()
+    return int(got), int(opened), int(clicked)

@@ -33,6 +33,7 @@ from api.analytics import (
     breakdown,
     enrollment_metrics,
     enrollment_summary,
+    journey_funnel,
     journey_report,
     message_metrics,
     message_summary,
@@ -224,29 +225,6 @@ async def _document(
     return parse_journey(row.document), row.version
 
 
-async def _funnel(session: SessionDep, journey_id: uuid.UUID, version: int | None) -> list[int]:
-    """Enrollments that got a message, opened one, clicked one (each counted once)."""
-    row = (
-        await (await session.connection()).execute(
-            sa.text(
-                """
-                SELECT count(DISTINCT m.enrollment_id) FILTER (WHERE m.sent_at IS NOT NULL),
-                       count(DISTINCT m.enrollment_id)
-                           FILTER (WHERE coalesce(m.opened_at, m.clicked_at) IS NOT NULL),
-                       count(DISTINCT m.enrollment_id) FILTER (WHERE m.clicked_at IS NOT NULL)
-                FROM messages m
-                JOIN enrollments en ON en.id = m.enrollment_id
-                JOIN journey_versions jv ON jv.id = en.journey_version_id
-                WHERE m.journey_id = :journey
-                  AND (CAST(:version AS integer) IS NULL OR jv.version = :version)
-                """
-            ),
-            {"journey": journey_id, "version": version},
-        )
-    ).one()
-    return [int(row[0]), int(row[1]), int(row[2])]
-
-
 def _step_lines(document: JourneyDocument, report: dict[str, Any]) -> dict[str, list[str]]:
     lines: dict[str, list[str]] = {}
     for entry in report["by_step"]:
@@ -278,7 +256,7 @@ async def journey_page(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no journey with key {key!r}")
     document, shown_version = await _document(session, journey, version)
     report = await journey_report(session, journey.id, version)
-    got, opened, clicked = await _funnel(session, journey.id, version)
+    got, opened, clicked = await journey_funnel(session, journey.id, version)
     e = report["enrollments"]
     funnel = {
         "labels": ["Enrolled", "Got a message", "Opened", "Clicked", "Converted"],

@@ -10,7 +10,8 @@ messages, then times, best of several runs:
 - the message metrics of the journey (totals, per version, step and variant: one
   ``GROUPING SETS`` scan), the enrollment metrics (conversions, median time to convert,
   revenue from the goal events), and the whole report ``GET /v1/journeys/{key}/metrics``
-  serves (both).
+  serves (both), and the dashboard's funnel (enrollments that got, opened, clicked a
+  message).
 
 The ratios to the baseline are the headline (the machine is shared; absolute times are
 noisy). Usage: ``.venv/bin/python -m bench.metrics_query [--messages 1000000]``; uses the
@@ -36,6 +37,7 @@ from api.analytics import (
     EnrollmentFilter,
     MessageFilter,
     enrollment_metrics,
+    journey_funnel,
     journey_report,
     message_metrics,
 )
@@ -165,6 +167,9 @@ async def run(database_url: str, messages: int, runs: int) -> dict[str, Any]:
         async def whole_report() -> Any:
             return await journey_report(session, journey)
 
+        async def funnel() -> Any:
+            return await journey_funnel(session, journey)
+
         base_ms, counted = await best_of(runs, baseline)
         report["journey_messages"] = counted
         report["baseline_count_ms"] = round(base_ms, 1)
@@ -173,6 +178,7 @@ async def run(database_url: str, messages: int, runs: int) -> dict[str, Any]:
             ("message_metrics_by_version_step_variant", messages_by_dimension),
             ("enrollment_metrics_by_version_variant", enrollment_outcomes),
             ("journey_report", whole_report),
+            ("journey_funnel", funnel),
         ):
             ms, result = await best_of(runs, action)
             report[name] = {"ms": round(ms, 1), "vs_count": round(ms / base_ms, 2)}
@@ -203,6 +209,7 @@ def print_table(report: dict[str, Any]) -> None:
         "message_metrics_by_version_step_variant",
         "enrollment_metrics_by_version_variant",
         "journey_report",
+        "journey_funnel",
     ):
         row = report[name]
         print(f"{name:<42}{row['ms']:>10.1f}{row['vs_count']:>12.2f}")
@@ -212,6 +219,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch database (to EXPLAIN queries)"
+    )
     args = parser.parse_args()
     server_url = os.environ.get("DATABASE_URL")
     embedded = None
@@ -225,7 +235,10 @@ async def main() -> None:
         report = await run(database_url, args.messages, args.runs)
     finally:
         await get_engine(database_url).dispose()
-        drop_database(server_url, name)
+        if args.keep:
+            print(f"kept {database_url}")
+        else:
+            drop_database(server_url, name)
         if embedded is not None:
             stop_embedded(embedded)
     print_table(report)
