@@ -268,6 +268,7 @@ class MessagingActivities:
             "journey_id": journey.id if journey else None,
             "step_id": input.step_id,
             "variant": input.variant,
+            "journey_version": input.journey_version if journey else None,
             "channel": channel,
             "template_key": input.template,
             "to_address": address,

@@ -54,9 +54,10 @@ MESSAGE_RATES = {
 }
 ENROLLMENT_COUNTS = ("enrolled", "active", "completed", "exited", "failed", "conversions")
 
+WORK_MEM = "64MB"
 _MESSAGE_DIMENSIONS = {
     "journey": "m.journey_id",
-    "version": "jv.version",
+    "version": "m.journey_version",
     "step": "m.step_id",
     "variant": "m.variant",
     "channel": "m.channel",
@@ -140,7 +141,7 @@ class MessageFilter:
         params: dict[str, Any] = {}
         for name, column in (
             ("journey_id", "m.journey_id"),
-            ("version", "jv.version"),
+            ("version", "m.journey_version"),
             ("step_id", "m.step_id"),
             ("variant", "m.variant"),
             ("channel", "m.channel"),
@@ -239,6 +240,12 @@ def _roll_up(result: Any, dimensions: Sequence[str], counts: Sequence[str]) -> l
     return list(rows.values())
 
 
+async def _analytics_memory(session: AsyncSession) -> None:
+    """Room for the hash aggregates of a large journey (250,000 enrollments' groups) in
+    memory instead of a sorted index walk: for this transaction only."""
+    await (await session.connection()).execute(sa.text(f"SET LOCAL work_mem = '{WORK_MEM}'"))
+
+
 def _where(clauses: list[str]) -> str:
     return f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
@@ -250,16 +257,8 @@ async def message_metrics(
     one row per value of each dimension."""
     select, group_by = _fine_grouping(dimensions, _MESSAGE_DIMENSIONS)
     clauses, params = where.clauses()
-    needs_version = "version" in dimensions or where.version is not None
-    joins = (
-        "LEFT JOIN enrollments en ON en.id = m.enrollment_id "
-        "LEFT JOIN journey_versions jv ON jv.id = en.journey_version_id"
-        if needs_version
-        else ""
-    )
-    sql = (
-        f"SELECT {select}{_MESSAGE_AGGREGATES} FROM messages m {joins} {_where(clauses)} {group_by}"
-    )
+    await _analytics_memory(session)
+    sql = f"SELECT {select}{_MESSAGE_AGGREGATES} FROM messages m {_where(clauses)} {group_by}"
     result = await (await session.connection()).execute(sa.text(sql), params)
     return _sorted(_roll_up(result, dimensions, MESSAGE_COUNTS))
 
@@ -273,6 +272,7 @@ async def enrollment_metrics(
     (which do not add up) from a GROUPING SETS query over the conversions alone."""
     select, group_by = _fine_grouping(dimensions, _ENROLLMENT_DIMENSIONS)
     clauses, params = where.clauses()
+    await _analytics_memory(session)
     connection = await session.connection()
     result = await connection.execute(
         sa.text(
@@ -421,12 +421,8 @@ async def journey_funnel(
     session: AsyncSession, journey_id: uuid.UUID, version: int | None = None
 ) -> tuple[int, int, int]:
     """Enrollments that got a message, opened one, clicked one (each counted once)."""
-    version_filter = (
-        "JOIN enrollments en ON en.id = m.enrollment_id "
-        "JOIN journey_versions jv ON jv.id = en.journey_version_id AND jv.version = :version"
-        if version is not None
-        else ""
-    )
+    version_filter = "AND m.journey_version = :version" if version is not None else ""
+    await _analytics_memory(session)
     result = await (await session.connection()).execute(
         sa.text(
             f"""
@@ -436,8 +432,8 @@ async def journey_funnel(
                 SELECT bool_or(m.sent_at IS NOT NULL) AS sent,
                        bool_or(coalesce(m.opened_at, m.clicked_at) IS NOT NULL) AS opened,
                        bool_or(m.clicked_at IS NOT NULL) AS clicked
-                FROM messages m {version_filter}
-                WHERE m.journey_id = :journey AND m.enrollment_id IS NOT NULL
+                FROM messages m
+                WHERE m.journey_id = :journey AND m.enrollment_id IS NOT NULL {version_filter}
                 GROUP BY m.enrollment_id
             ) per_enrollment
             """

@@ -277,6 +277,8 @@ class Message(SQLModel, table=True):
     journey_id: uuid.UUID | None = Field(default=None, foreign_key="journeys.id")
     step_id: str | None = Field(default=None, max_length=64)
     variant: str | None = Field(default=None, max_length=64)
+    # The enrollment's journey version, copied so metrics per version need no join.
+    journey_version: int | None = None
     channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)
     template_key: str | None = Field(default=None, max_length=64)
     to_address: str | None = Field(default=None, max_length=320)

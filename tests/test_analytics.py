@@ -119,6 +119,8 @@ async def _fixture(settings: Settings) -> Fixture:
             ]
         )
 
+        versions = {v.id: v.version for v in (v1, v2, ov)}
+
         def message(n: int, step: str, variant: str | None, **kw: Any) -> Message:
             status = kw.pop("status", MessageStatus.sent)
             sent = status not in (MessageStatus.skipped, MessageStatus.failed)
@@ -129,6 +131,7 @@ async def _fixture(settings: Settings) -> Fixture:
                 journey_id=e[n].journey_id,
                 step_id=step,
                 variant=variant,
+                journey_version=versions[e[n].journey_version_id],
                 channel=MessageChannel.email,
                 provider="outbox",
                 status=status,

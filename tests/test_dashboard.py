@@ -266,6 +266,8 @@ async def test_dashboard_pages_in_chromium_after_an_end_to_end_journey(
     assert metrics["enrollments"]["revenue"] == 200.0
     assert metrics["messages"]["sent"] == 10  # 6 welcomes, 4 offers
     assert metrics["messages"]["clicked"] == 6 and metrics["messages"]["opened"] == 6
+    [v1] = metrics["by_version"]  # each message carries its enrollment's version
+    assert v1["version"] == 1 and v1["messages"]["sent"] == 10
 
     port = _free_port()
     app = create_app(settings, temporal=time_env.client)
