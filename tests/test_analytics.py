@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlmodel import col, update
 
-from activities.audience import refresh_audience
+from activities.audience import AudienceChanges, refresh_audience
 from api.analytics import MESSAGE_COUNTS, MessageFilter, message_metrics
 from api.main import create_app
 from models.db import session_scope
@@ -107,6 +108,7 @@ async def _fixture(settings: Settings) -> Fixture:
                 properties=properties,
                 occurred_at=at,
                 received_at=at,
+                delivered_at=at,  # history: nothing for the inbox drain of other tests
             )
 
         session.add_all(
@@ -298,6 +300,14 @@ async def test_journey_metrics_refuse_bad_input(api: httpx.AsyncClient, settings
     assert anonymous.status_code == 401
 
 
+async def _delivered(session: Any, changes: AudienceChanges) -> None:
+    """Mark the derived events delivered: this test does not dispatch them, and the inbox
+    drain of another test in this database must not find them."""
+    ids = [event.id for event in changes.derived_events]
+    if ids:
+        await session.exec(update(Event).where(col(Event.id).in_(ids)).values(delivered_at=T0))
+
+
 async def test_segment_sizes_over_time_are_recorded_by_full_refreshes(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
@@ -308,9 +318,12 @@ async def test_segment_sizes_over_time_are_recorded_by_full_refreshes(
         people.append(Contact(email=f"{unique('s')}@example.com", attributes={"plan": "free"}))
         session.add_all([segment, *people])
         await session.commit()
-    first, second = T0 + timedelta(days=3650), T0 + timedelta(days=3651)
+    # Refreshes of every contact in this database: at the real time, so other tests'
+    # time-based segments and score decay see nothing odd.
+    first = datetime.now(UTC).replace(microsecond=0)
+    second = first + timedelta(minutes=1)
     async with session_scope(settings.database_url) as session:
-        await refresh_audience(session, now=first)
+        await _delivered(session, await refresh_audience(session, now=first))
         await session.commit()
     async with session_scope(settings.database_url) as session:
         contact = await session.get(Contact, people[1].id)
@@ -320,8 +333,11 @@ async def test_segment_sizes_over_time_are_recorded_by_full_refreshes(
         await session.commit()
     async with session_scope(settings.database_url) as session:
         # A refresh of some contacts only (an event) records no size: it is not a census.
-        await refresh_audience(session, now=first, contact_ids=[people[1].id], profile_changed=True)
-        await refresh_audience(session, now=second)
+        some = await refresh_audience(
+            session, now=first, contact_ids=[people[1].id], profile_changed=True
+        )
+        await _delivered(session, some)
+        await _delivered(session, await refresh_audience(session, now=second))
         await session.commit()
     response = await api.get(f"/v1/segments/{key}/sizes")
     assert response.status_code == 200, response.text
