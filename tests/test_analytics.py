@@ -60,6 +60,12 @@ def _h(hours: float) -> datetime:
     return T0 + timedelta(hours=hours)
 
 
+def _document(key: str) -> dict[str, Any]:
+    """A valid journey document (other code in this database reads published versions)."""
+    steps = [{"id": step, "type": "email", "template": "t"} for step in ("offer", "resend")]
+    return {"key": key, "name": key, "exit_when": {"event": "purchase_completed"}, "steps": steps}
+
+
 async def _fixture(settings: Settings) -> Fixture:
     """Journey J (versions 1 and 2) with six enrollments and eight messages, and a second
     journey whose rows must never leak into J's numbers."""
@@ -69,9 +75,9 @@ async def _fixture(settings: Settings) -> Fixture:
         other = Journey(key=other_key, name=other_key, status=JourneyStatus.active)
         session.add_all([journey, other])
         await session.flush()
-        v1 = JourneyVersion(journey_id=journey.id, version=1, document={})
-        v2 = JourneyVersion(journey_id=journey.id, version=2, document={})
-        ov = JourneyVersion(journey_id=other.id, version=1, document={})
+        v1 = JourneyVersion(journey_id=journey.id, version=1, document=_document(key))
+        v2 = JourneyVersion(journey_id=journey.id, version=2, document=_document(key))
+        ov = JourneyVersion(journey_id=other.id, version=1, document=_document(other_key))
         session.add_all([v1, v2, ov])
         contacts = [Contact(email=f"{unique('c')}@example.com") for _ in range(7)]
         session.add_all(contacts)
