@@ -220,6 +220,26 @@ class Settings(BaseSettings):
         description="Comma-separated Temporal UI origins allowed to call the codec server.",
     )
 
+    # Dashboard and operator metrics (issue 7).
+    dashboard_secret: str | None = Field(
+        default=None,
+        description="HMAC key signing the dashboard's session cookie. Unset: derived from the "
+        "API key (changing the key logs everyone out).",
+    )
+    dashboard_session_hours: int = Field(
+        default=12, ge=1, le=24 * 30, description="How long a dashboard login lasts, in hours."
+    )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port on which each worker serves its Prometheus counters at /metrics. "
+        "Unset: off.",
+    )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1", description="Address the worker's metrics port listens on."
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

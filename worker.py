@@ -19,6 +19,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.contacts import ContactActivities, ContactUpdateActivities
+from activities.counters import start_metrics_server
 from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
 from activities.inbox import InboxDrain
@@ -97,6 +98,8 @@ async def main() -> None:
         data_converter=data_converter(settings),
     )
     await ensure_audience_schedule(client, settings)
+    if settings.worker_metrics_port is not None:
+        start_metrics_server(settings.worker_metrics_port, settings.worker_metrics_host)
     worker = build_worker(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

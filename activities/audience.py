@@ -376,5 +376,17 @@ async def refresh_audience(
         derived += [(c, SEGMENT_ENTERED, {"segment": segment.key}) for c in entered]
         derived += [(c, SEGMENT_EXITED, {"segment": segment.key}) for c in exited]
         changes.changed_contacts |= set(entered) | set(exited)
+    if full:
+        await (await session.connection()).execute(_RECORD_SIZES, {"now": now})
     changes.derived_events = await _store_derived(session, derived, now)
     return changes
+
+
+# Each full refresh records every segment's size: the dashboard draws size over time.
+_RECORD_SIZES = sa.text(
+    """
+    INSERT INTO segment_sizes (segment_id, measured_at, size)
+    SELECT s.id, :now, (SELECT count(*) FROM segment_members m WHERE m.segment_id = s.id)
+    FROM segments s
+    """
+)

@@ -28,6 +28,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.audience import AudienceChanges, refresh_audience
+from activities.counters import SIGNALS_SENT
 from activities.enrollments import EnrollmentRefused, enroll
 from activities.snapshots import contact_snapshot
 from models.conditions import evaluate
@@ -489,6 +490,7 @@ async def _signal(
     recorded yet) makes a missing workflow raise ``JourneyNotStarted`` instead."""
     try:
         await temporal.get_workflow_handle(workflow_id).signal(name, arg)
+        SIGNALS_SENT.labels(name).inc()
         return True
     except RPCError as err:
         if err.status != RPCStatusCode.NOT_FOUND:

@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.contacts import snapshot
+from activities.counters import PROVIDER_ERRORS
 from activities.providers import (
     EmailProvider,
     ProviderRejected,
@@ -182,8 +183,11 @@ class MessagingActivities:
         try:
             provider_id, subject = await self._deliver(channel, message, template, input, context)
         except (TemplateError, ProviderRejected) as err:
+            if isinstance(err, ProviderRejected):
+                PROVIDER_ERRORS.labels(channel, "rejected").inc()
             return await self._fail(message, str(err))
         except ProviderRetryable as err:
+            PROVIDER_ERRORS.labels(channel, "retryable").inc()
             if not err.may_have_reached:
                 # Provably not accepted: the retry may call the provider again.
                 await self._set_status(message, MessageStatus.pending, MessageStatus.sending)
@@ -281,6 +285,7 @@ class MessagingActivities:
             "journey_id": journey.id if journey else None,
             "step_id": input.step_id,
             "variant": input.variant,
+            "journey_version": input.journey_version if journey else None,
             "channel": channel,
             "template_key": input.template,
             "to_address": address,

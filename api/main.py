@@ -10,15 +10,18 @@ import psycopg
 import sqlalchemy.exc
 from fastapi import APIRouter, Depends, FastAPI, Request, status
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.delivery import temporal_unavailable
+from api import dashboard
 from api.deps import SessionDep, connect_temporal, require_api_key
 from api.guard import InputGuard
 from api.openapi import document_errors
 from api.routes import (
+    analytics,
     api_keys,
     codec,
     contacts,
@@ -26,6 +29,7 @@ from api.routes import (
     events,
     forms,
     journeys,
+    prometheus,
     scoring,
     segment_spec,
     segments,
@@ -126,7 +130,13 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     v1.include_router(api_keys.router)
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
+    v1.include_router(analytics.router)
     app.include_router(v1)
+    # The dashboard logs in with the API key and keeps a signed session cookie.
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    # Operators' Prometheus scrape, open like /healthz (restrict it at the network edge).
+    app.include_router(prometheus.router)
     # Provider webhooks are authenticated by the providers' signatures, not the API key.
     app.include_router(webhooks.router)
     # Websites post form fills directly, with no key to hide.

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "  Nurture is running.",
             f"  API docs        {base}/docs",
+            f"  Dashboard       {base}/dashboard  (log in with the API key)",
             f"  Temporal UI     {ui}",
             f"  Outbox          {settings.outbox_path}",
             f"  API key         {api_key}",

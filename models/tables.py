@@ -291,6 +291,8 @@ class Message(SQLModel, table=True):
     journey_id: uuid.UUID | None = Field(default=None, foreign_key="journeys.id")
     step_id: str | None = Field(default=None, max_length=64)
     variant: str | None = Field(default=None, max_length=64)
+    # The enrollment's journey version, copied so metrics per version need no join.
+    journey_version: int | None = None
     channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)
     template_key: str | None = Field(default=None, max_length=64)
     to_address: str | None = Field(default=None, max_length=320)
@@ -519,3 +521,15 @@ class RateLimitCounter(SQLModel, table=True):
     bucket: str = Field(max_length=200, primary_key=True)
     window_start: datetime = Field(sa_type=sa.DateTime(timezone=True), primary_key=True)
     count: int = 0
+
+
+class SegmentSize(SQLModel, table=True):
+    """A segment's member count at one full audience refresh: its size over time."""
+
+    __tablename__ = "segment_sizes"
+    __table_args__ = (sa.Index("ix_segment_sizes_segment_measured", "segment_id", "measured_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    segment_id: uuid.UUID = Field(foreign_key="segments.id", ondelete="CASCADE")
+    measured_at: datetime = _ts(nullable=False, default_now=True)
+    size: int

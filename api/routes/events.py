@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response, status
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 
+from activities.counters import EVENTS_RECEIVED
 from activities.delivery import dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import EventAccepted, EventIn
@@ -46,6 +47,8 @@ async def track_event(
         .returning(col(Event.id))
     )
     duplicate = inserted.first() is None
+    if not duplicate:
+        EVENTS_RECEIVED.labels("api").inc()
     # Commit before signalling: an event is stored before anything acts on it.
     await session.commit()
     event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import select
 
+from activities.counters import EVENTS_RECEIVED
 from activities.delivery import dispatch_contact_changes, dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.identity import IdentityWork, apply_attributes, end_merged_runs, lock_identities, resolve
@@ -236,6 +237,8 @@ async def submit_form(
     # Commit before dispatching: nothing acts on an uncommitted row.
     await session.commit()
     event = (await session.exec(select(Event).where(Event.idempotency_id == idempotency_id))).one()
+    if event.id == event_id:
+        EVENTS_RECEIVED.labels(SOURCE).inc()
     accepted = FormAccepted(
         contact_id=contact.id, event_id=event.id, duplicate=event.id != event_id
     )

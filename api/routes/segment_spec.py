@@ -28,6 +28,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 
+from activities.counters import EVENTS_RECEIVED
 from activities.delivery import dispatch_contact_changes, dispatch_event, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.identity import (
@@ -376,6 +377,7 @@ async def store_calls(
             stored.duplicates.append(idempotency_id)
         else:
             stored.new.append(row[0])
+            EVENTS_RECEIVED.labels(SOURCE).inc()
     return stored
 
 

@@ -31,6 +31,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from temporalio.client import Client
 from twilio.request_validator import RequestValidator
 
+from activities.counters import EVENTS_RECEIVED, WEBHOOK_VERIFICATION_FAILURES
 from activities.delivery import dispatch_undelivered, or_defer
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from models.tables import (
@@ -212,7 +213,10 @@ async def _store_event(
         .on_conflict_do_nothing(index_elements=["idempotency_id"])
         .returning(col(Event.id))
     )
-    return inserted.first() is not None
+    new = inserted.first() is not None
+    if new:
+        EVENTS_RECEIVED.labels(source).inc()
+    return new
 
 
 async def _suppress(
@@ -274,9 +278,11 @@ async def sendgrid_events(
         stamp,
         body,
     ):
+        WEBHOOK_VERIFICATION_FAILURES.labels("sendgrid").inc()
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or missing SendGrid signature")
     if not stamp.isdigit() or abs(time.time() - int(stamp)) > SENDGRID_FRESHNESS.total_seconds():
         # A captured request replayed later: its signature is valid, its moment is not.
+        WEBHOOK_VERIFICATION_FAILURES.labels("sendgrid").inc()
         raise HTTPException(status.HTTP_403_FORBIDDEN, "stale SendGrid signature timestamp")
     try:
         payload = json.loads(body)
@@ -368,6 +374,7 @@ async def _twilio_form(request: Request, settings: SettingsDep) -> dict[str, str
     body = await request.body()
     token = settings.twilio_auth_token
     if not _twilio_request_valid(request, body, settings.public_url, token):
+        WEBHOOK_VERIFICATION_FAILURES.labels("twilio").inc()
         raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid or missing Twilio signature")
     return dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
 
