@@ -17,6 +17,8 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.broadcasts import BroadcastActivities
+from activities.bulk_enrollment import BulkEnrollmentActivities
 from activities.contacts import ContactActivities, ContactUpdateActivities
 from activities.crm import CrmActivities
 from activities.enrollments import EnrollmentActivities
@@ -26,10 +28,18 @@ from activities.refresh import AudienceActivities
 from activities.webhooks import WebhookActivities
 from settings import Settings, get_settings
 from workflows.audience_refresh import AudienceRefreshWorkflow, ensure_audience_schedule
+from workflows.broadcast import BroadcastWorkflow
+from workflows.bulk_enroll import BulkEnrollWorkflow
 from workflows.crm_sync import CrmSyncWorkflow
 from workflows.journey import JourneyWorkflow
 
-WORKFLOWS = [JourneyWorkflow, CrmSyncWorkflow, AudienceRefreshWorkflow]
+WORKFLOWS = [
+    JourneyWorkflow,
+    CrmSyncWorkflow,
+    AudienceRefreshWorkflow,
+    BulkEnrollWorkflow,  # campaigns
+    BroadcastWorkflow,  # campaigns
+]
 
 
 def build_activities(settings: Settings, client: Client | None = None) -> list[Callable[..., Any]]:
@@ -44,6 +54,8 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
     crm = CrmActivities(settings, client)
     webhooks = WebhookActivities(settings)
     audience = AudienceActivities(settings)
+    bulk = BulkEnrollmentActivities(settings)  # campaigns
+    broadcasts = BroadcastActivities(settings, messaging)  # campaigns
     return [
         contacts.load_contact,
         updates.update_contact,
@@ -56,6 +68,13 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
         crm.sync_crm_task,
         webhooks.call_webhook,
         audience.refresh_audience,
+        bulk.fix_bulk_audience,
+        bulk.enroll_bulk_page,
+        bulk.finish_bulk_job,
+        broadcasts.fix_broadcast_audience,
+        broadcasts.send_broadcast_batch,
+        broadcasts.fail_broadcast_recipients,
+        broadcasts.set_broadcast_status,
     ]
 
 

@@ -17,6 +17,8 @@ from temporalio.service import RPCError
 from activities.delivery import temporal_unavailable
 from api.deps import SessionDep, connect_temporal, require_api_key
 from api.routes import (
+    broadcasts,
+    bulk_enrollments,
     contacts,
     enrollments,
     events,
@@ -96,6 +98,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     for module in (contacts, events, journeys, enrollments, templates, segments, scoring):
         v1.include_router(module.router)
+    # Campaigns: bulk enrollment (and its schedules) and broadcasts.
+    v1.include_router(bulk_enrollments.router)
+    v1.include_router(broadcasts.router)
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
     app.include_router(v1)
