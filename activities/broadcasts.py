@@ -212,7 +212,10 @@ class BroadcastActivities:
                     stop.append(f"contact {contact_id}: {result.reason}")
             activity.heartbeat(str(contact_id))
 
-        await asyncio.gather(*(one(c) for c in contact_ids))
+        outcomes = await asyncio.gather(*(one(c) for c in contact_ids), return_exceptions=True)
+        crashed = [o for o in outcomes if isinstance(o, BaseException)]
+        if crashed:
+            raise crashed[0]  # the others of the batch finished; their outcomes are stored
         async with session_scope(self.database_url) as session:
             refreshed = await session.get(Broadcast, broadcast_id)
             assert refreshed is not None

@@ -179,7 +179,12 @@ class BulkEnrollmentActivities:
                 done_upto = str(contact_ids[advanced])
             activity.heartbeat(done_upto)
 
-        await asyncio.gather(*(one(i, c) for i, c in enumerate(contact_ids)))
+        outcomes = await asyncio.gather(
+            *(one(i, c) for i, c in enumerate(contact_ids)), return_exceptions=True
+        )
+        crashed = [o for o in outcomes if isinstance(o, BaseException)]
+        if crashed:
+            raise crashed[0]  # the others finished and are in the ledger; a retry goes on
         async with session_scope(self.database_url) as session:
             refreshed = await session.get(BulkEnrollmentJob, job_id)
             assert refreshed is not None

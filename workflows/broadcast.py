@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.broadcasts import BroadcastActivities
@@ -109,7 +109,9 @@ class BroadcastWorkflow:
                         await workflow.wait_condition(workflow.all_handlers_finished)
                         input.progress = self.progress
                         workflow.continue_as_new(input)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ActivityError) as err:
+            if not is_cancelled_exception(err):
+                raise
             self.progress.status = "cancelled"
             await self._set_status(input, "cancelled", "cancelled by an operator")
             raise
@@ -187,6 +189,8 @@ class BroadcastWorkflow:
                     + ("" if group.zone == "*" else f" in {group.zone}"),
                 )
             except ActivityError as err:
+                if is_cancelled_exception(err):
+                    raise  # the broadcast is being cancelled
                 # Those sent before the error stay sent; their tokens are spent.
                 self.progress.tokens = 0.0
                 self.progress.refilled_at = workflow.now().isoformat()

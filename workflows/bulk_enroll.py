@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.bulk_enrollment import BulkEnrollmentActivities
@@ -79,26 +79,29 @@ class BulkEnrollWorkflow:
                         concurrency=input.concurrency,
                     ),
                     start_to_close_timeout=timedelta(minutes=30),
-                    heartbeat_timeout=timedelta(seconds=30),
+                    heartbeat_timeout=timedelta(seconds=10),
                     retry_policy=PAGE_RETRY,
                     summary=f"Enroll up to {input.page_size} contacts into "
                     f"'{input.journey_key}' after {self.progress.cursor or 'the start'}",
                 )
                 pages += 1
+                done_pages = self.progress.pages + 1
                 self.progress = page.progress
                 self.progress.job_id = job_id
                 self.progress.cursor = page.last_contact_id
-                self.progress.pages += 1
+                self.progress.pages = done_pages
                 if page.done:
                     break
                 if pages >= input.pages_per_run or workflow.info().is_continue_as_new_suggested():
                     await workflow.wait_condition(workflow.all_handlers_finished)
                     input.progress = self.progress
                     workflow.continue_as_new(input)
-        except asyncio.CancelledError:
-            self.progress = await self._finish(job_id, "cancelled", None)
-            raise
-        except ActivityError as err:
+        except (asyncio.CancelledError, ActivityError) as err:
+            # A cancel while a page runs arrives as that activity's cancellation.
+            if is_cancelled_exception(err):
+                self.progress = await self._finish(job_id, "cancelled", None)
+                raise
+            assert isinstance(err, ActivityError)
             reason = str(err.cause or err)
             self.progress = await self._finish(job_id, "failed", reason)
             raise ApplicationError(f"bulk enrollment {job_id} failed: {reason}") from err
