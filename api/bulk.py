@@ -31,6 +31,7 @@ async def start_bulk_job(
 ) -> BulkEnrollmentJob:
     """Store the job (and a list's ledger, which fixes its audience), commit, start it."""
     job_id = uuid.uuid4()
+    unique_ids = list(dict.fromkeys(contact_ids))
     job = BulkEnrollmentJob(
         id=job_id,
         journey_id=journey.id,
@@ -40,19 +41,16 @@ async def start_bulk_job(
         status=BulkJobStatus.running,
     )
     if segment_key is None:
-        job.total = len(contact_ids)
-        job.audience_fixed_at = utcnow()
+        # A list's audience is fixed here; a segment's when the workflow starts.
+        job.total, job.audience_fixed_at = len(unique_ids), utcnow()
     session.add(job)
     await session.flush()
-    unique_ids = list(dict.fromkeys(contact_ids))
-    job.total = len(unique_ids) if segment_key is None else None
     connection = await session.connection()
     for start in range(0, len(unique_ids), _CHUNK):
         await connection.execute(
             insert(BulkEnrollmentItem).on_conflict_do_nothing(),
             [{"job_id": job_id, "contact_id": c} for c in unique_ids[start : start + _CHUNK]],
         )
-    session.add(job)
     await session.commit()
     try:
         await temporal.start_workflow(
