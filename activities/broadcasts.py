@@ -123,7 +123,8 @@ class BroadcastActivities:
                         )
                     )
                 ).one()
-                broadcast.status = BroadcastStatus.sending
+                if broadcast.status == BroadcastStatus.scheduled:  # paused stays paused
+                    broadcast.status = BroadcastStatus.sending
                 broadcast.started_at = utcnow()
                 session.add(broadcast)
             total = broadcast.total

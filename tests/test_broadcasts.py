@@ -556,3 +556,30 @@ async def test_broadcast_api_refuses_bad_input_and_stores_nothing(
         )
         assert bad_reason.status_code == 422 and "reason" in bad_reason.text
         await finished(time_env, fresh)
+
+
+async def test_broadcast_paused_before_its_send_time_holds_until_resumed(
+    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    template = unique("bt")
+    await put_template(time_api, template)
+    segment, people = await audience(time_api, settings, [{}, {}])
+    async with build_worker(time_env.client, settings):
+        broadcast = await create(
+            time_api,
+            key=unique("held"),
+            template=template,
+            segment=segment,
+            send_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        )
+        paused = await time_api.post(f"/v1/broadcasts/{broadcast['key']}/pause")
+        assert paused.status_code == 200 and paused.json()["status"] == "paused"
+        await time_env.sleep(timedelta(hours=3))  # well past send_at
+        view = await wait_for(time_api, broadcast["key"], lambda v: v["total"] == 2)
+        assert view["status"] == "paused" and view["sent"] == 0
+        assert view["live"]["status"] == "paused"
+        assert await broadcast_messages(settings, broadcast["id"]) == []
+        resumed = await time_api.post(f"/v1/broadcasts/{broadcast['key']}/resume")
+        assert resumed.status_code == 200 and resumed.json()["status"] == "sending"
+        result = await finished(time_env, broadcast)
+    assert result["sent"] == 2 and len(people) == 2

@@ -62,7 +62,7 @@ class BroadcastWorkflow:
     @workflow.signal
     def pause(self, control: BroadcastControl) -> None:
         self.paused = True
-        if self.progress.status == "sending":
+        if self.progress.status in ("scheduled", "sending"):
             self.progress.status = "paused"
             self.progress.status_reason = control.reason or "paused by an operator"
 
@@ -70,7 +70,7 @@ class BroadcastWorkflow:
     def resume(self, control: BroadcastControl) -> None:
         self.paused = False
         if self.progress.status == "paused":
-            self.progress.status = "sending"
+            self.progress.status = "sending" if self.progress.audience_fixed else "scheduled"
             self.progress.status_reason = None
 
     @workflow.run
@@ -90,8 +90,7 @@ class BroadcastWorkflow:
                 self.progress.audience_fixed = True
                 self.progress.tokens = float(input.burst)
                 self.progress.refilled_at = workflow.now().isoformat()
-                if not self.paused:
-                    self.progress.status = "sending"
+                self.progress.status = "paused" if self.paused else "sending"
             batches = 0
             for group in self.progress.groups:
                 while not group.done:
@@ -128,7 +127,8 @@ class BroadcastWorkflow:
             # The audience is fixed when the first zone's local time comes.
             start = datetime.fromisoformat(input.local_time + "+00:00") - EARLIEST_OFFSET
         if start > workflow.now():
-            self.progress.status = "scheduled"
+            if not self.paused:
+                self.progress.status = "scheduled"
             await workflow.sleep(
                 start - workflow.now(), summary=f"Wait until {start.isoformat()} to start sending"
             )
