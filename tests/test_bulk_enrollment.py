@@ -22,6 +22,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from models.campaigns import BulkEnrollInput
 from models.contracts import journey_workflow_id
 from models.db import session_scope
 from models.tables import BulkEnrollmentItem, BulkEnrollmentJob, Contact, Enrollment, Journey
@@ -29,6 +30,7 @@ from settings import Settings
 from tests.helpers import publish, unique
 from tests.test_segments import put_segment
 from worker import build_worker
+from workflows.bulk_enroll import BulkEnrollWorkflow
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD = [{"id": "hold", "type": "wait", "duration": "30d"}]
@@ -391,3 +393,35 @@ async def test_bulk_enrollment_survives_a_sigkilled_worker_enrolling_each_contac
     for contact_id in ids[::40]:
         handle = dev_env.client.get_workflow_handle(journey_workflow_id(key, contact_id))
         assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+
+async def test_bulk_enrollment_continues_as_new_carrying_its_progress(
+    dev_env: WorkflowEnvironment, dev_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    cohort, segment = unique("cohort"), unique("seg")
+    members = await import_contacts(dev_api, settings, 9, cohort=cohort)
+    await put_segment(dev_api, segment, {"attr": "cohort", "op": "eq", "value": cohort})
+    key = await hold_journey(dev_api)
+    workflow_id = f"bulk-enroll/test-{uuid.uuid4()}"
+    async with worker_for(dev_env, settings):
+        # Started as a schedule would: no job id, the workflow makes its own job.
+        handle = await dev_env.client.start_workflow(
+            BulkEnrollWorkflow.run,
+            BulkEnrollInput(journey_key=key, segment_key=segment, page_size=2, pages_per_run=2),
+            id=workflow_id,
+            task_queue=settings.task_queue,
+        )
+        first_run = handle.first_execution_run_id
+        result = await handle.result()
+    assert result.status == "completed" and result.enrolled == 9 and result.total == 9
+    assert result.pages == 5  # 2 + 2 + 1 pages over three runs
+    first = dev_env.client.get_workflow_handle(workflow_id, run_id=first_run)
+    assert (await first.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW
+    async with session_scope(settings.database_url) as session:
+        job = (
+            await session.exec(
+                select(BulkEnrollmentJob).where(BulkEnrollmentJob.workflow_id == workflow_id)
+            )
+        ).one()
+    assert str(job.id) == result.job_id and job.status == "completed" and job.enrolled == 9
+    assert await enrollment_counts(settings, key) == dict.fromkeys(members, 1)
