@@ -20,7 +20,7 @@ import httpx
 import pytest
 from sqlmodel import col, func, select
 from temporalio.api.testservice.v1 import LockTimeSkippingRequest, UnlockTimeSkippingRequest
-from temporalio.client import WorkflowExecutionStatus
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -583,3 +583,25 @@ async def test_broadcast_paused_before_its_send_time_holds_until_resumed(
         assert resumed.status_code == 200 and resumed.json()["status"] == "sending"
         result = await finished(time_env, broadcast)
     assert result["sent"] == 2 and len(people) == 2
+
+
+async def test_broadcast_whose_segment_vanished_before_its_send_time_fails_saying_why(
+    time_env: WorkflowEnvironment, time_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    template = unique("bt")
+    await put_template(time_api, template)
+    segment, _ = await audience(time_api, settings, [{}])
+    async with build_worker(time_env.client, settings):
+        broadcast = await create(
+            time_api,
+            key=unique("gone"),
+            template=template,
+            segment=segment,
+            send_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat(),
+        )
+        assert (await time_api.delete(f"/v1/segments/{segment}")).status_code == 204
+        with pytest.raises(WorkflowFailureError):
+            await finished(time_env, broadcast)
+    view = (await time_api.get(f"/v1/broadcasts/{broadcast['key']}")).json()
+    assert view["status"] == "failed" and f"no segment '{segment}'" in view["status_reason"]
+    assert await broadcast_messages(settings, broadcast["id"]) == []

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.broadcasts import BroadcastActivities
@@ -110,7 +110,11 @@ class BroadcastWorkflow:
                         workflow.continue_as_new(input)
         except (asyncio.CancelledError, ActivityError) as err:
             if not is_cancelled_exception(err):
-                raise
+                # E.g. the segment was deleted before the send time: say so, and fail.
+                reason = str(getattr(err, "cause", None) or err)[:500]
+                self.progress.status, self.progress.status_reason = "failed", reason
+                await self._set_status(input, "failed", reason)
+                raise ApplicationError(f"broadcast {input.broadcast_id} failed: {reason}") from err
             self.progress.status = "cancelled"
             await self._set_status(input, "cancelled", "cancelled by an operator")
             raise

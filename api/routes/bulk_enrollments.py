@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from typing import Annotated
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -374,7 +373,6 @@ async def create_enrollment_schedule(
     journey = await get_journey(session, key)
     _require_open(journey)
     await _require_segment(session, body.segment)
-    ZoneInfo(body.timezone)
     row = EnrollmentSchedule(
         journey_id=journey.id, segment_key=body.segment, cron=body.cron, timezone=body.timezone
     )
