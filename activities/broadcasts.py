@@ -193,7 +193,7 @@ class BroadcastActivities:
                     contact_id=str(contact_id),
                     journey_key="",
                     journey_version=0,
-                    step_id=f"broadcast:{broadcast.key}",
+                    step_id="broadcast",
                     template=broadcast.template_key,
                     now=input.now,
                     default_timezone=broadcast.default_timezone,
@@ -205,7 +205,9 @@ class BroadcastActivities:
                     retry_errors.append(err)
                     await self._note_attempt(broadcast_id, contact_id, str(err))
                     return
-                outcome = result.status if result.status in _COUNTER else "failed"
+                # A message already further on (delivered, opened...) was sent by an
+                # earlier attempt whose outcome was not recorded.
+                outcome = result.status if result.status in _COUNTER else "sent"
                 await self._record(
                     broadcast_id, contact_id, outcome, result, datetime.fromisoformat(input.now)
                 )
