@@ -240,6 +240,27 @@ class Settings(BaseSettings):
         default="127.0.0.1", description="Address the worker's metrics port listens on."
     )
 
+    # Campaigns: bulk enrollment and broadcasts.
+    bulk_enroll_page_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Contacts one bulk-enrollment page (one activity) takes from the ledger.",
+    )
+    bulk_enroll_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Journeys a bulk-enrollment page starts at once (each holds a database "
+        "connection while it starts its workflow).",
+    )
+    broadcast_send_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Sends one broadcast batch makes at once (the rate limit still holds).",
+    )
+
     @property
     def outbox_path(self) -> Path:
         return self.outbox_dir or self.data_dir / "outbox"

@@ -18,6 +18,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.broadcasts import BroadcastActivities
+from activities.bulk_enrollment import BulkEnrollmentActivities
 from activities.contacts import ContactActivities, ContactUpdateActivities
 from activities.counters import start_metrics_server
 from activities.crm import CrmActivities
@@ -30,10 +32,18 @@ from activities.webhooks import WebhookActivities
 from models.codec import data_converter
 from settings import Settings, get_settings
 from workflows.audience_refresh import AudienceRefreshWorkflow, ensure_audience_schedule
+from workflows.broadcast import BroadcastWorkflow
+from workflows.bulk_enroll import BulkEnrollWorkflow
 from workflows.crm_sync import CrmSyncWorkflow
 from workflows.journey import JourneyWorkflow
 
-WORKFLOWS = [JourneyWorkflow, CrmSyncWorkflow, AudienceRefreshWorkflow]
+WORKFLOWS = [
+    JourneyWorkflow,
+    CrmSyncWorkflow,
+    AudienceRefreshWorkflow,
+    BulkEnrollWorkflow,  # campaigns
+    BroadcastWorkflow,  # campaigns
+]
 
 
 def build_activities(settings: Settings, client: Client | None = None) -> list[Callable[..., Any]]:
@@ -49,6 +59,8 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
     webhooks = WebhookActivities(settings)
     audience = AudienceActivities(settings)
     optimisation = OptimisationActivities(settings)
+    bulk = BulkEnrollmentActivities(settings)  # campaigns
+    broadcasts = BroadcastActivities(settings, messaging)  # campaigns
     return [
         contacts.load_contact,
         updates.update_contact,
@@ -64,6 +76,13 @@ def build_activities(settings: Settings, client: Client | None = None) -> list[C
         optimisation.choose_send_time,
         optimisation.choose_channel,
         optimisation.assign_split_variant,
+        bulk.fix_bulk_audience,
+        bulk.enroll_bulk_page,
+        bulk.finish_bulk_job,
+        broadcasts.fix_broadcast_audience,
+        broadcasts.send_broadcast_batch,
+        broadcasts.fail_broadcast_recipients,
+        broadcasts.set_broadcast_status,
     ]
 
 

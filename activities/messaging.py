@@ -142,12 +142,16 @@ class MessagingActivities:
         async with session_scope(self.database_url) as session:
             message = await _message_by_key(session, input.idempotency_key)
             if message is None:
-                if await _journey_paused(session, input.journey_key):
+                if input.broadcast_id is None and await _journey_paused(session, input.journey_key):
                     return SendMessageResult(None, "held", "journey paused")
                 deferred = await self._deferral(session, channel, input)
-                if deferred is not None:
+                if deferred is not None and input.broadcast_id is None:
                     return deferred
-                message = await self._record(session, channel, input)
+                # A broadcast is a one-time send at a chosen moment: over the cap or in
+                # quiet hours, the contact is skipped (with the reason), not sent late.
+                message = await self._record(
+                    session, channel, input, deferred.reason if deferred else None
+                )
         provider = self.email if channel == MessageChannel.email else self.sms
         if message.status not in (MessageStatus.pending, MessageStatus.sending):
             return SendMessageResult(str(message.id), message.status, message.skip_reason)
@@ -249,7 +253,7 @@ class MessagingActivities:
                     "List-Unsubscribe": f"<{unsubscribe_url}>",
                     "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
                 },
-                journey_key=input.journey_key,
+                journey_key=input.journey_key or None,
                 step_id=input.step_id,
                 variant=input.variant,
             )
@@ -259,11 +263,19 @@ class MessagingActivities:
         return await asyncio.to_thread(self.sms.send, sms), None
 
     async def _record(
-        self, session: AsyncSession, channel: MessageChannel, input: SendMessageInput
+        self,
+        session: AsyncSession,
+        channel: MessageChannel,
+        input: SendMessageInput,
+        held_back: str | None = None,
     ) -> Message:
         """Write the message row: pending, or skipped/failed with the reason it may not go."""
         contact = await session.get(Contact, uuid.UUID(input.contact_id))
-        enrollment = await session.get(Enrollment, uuid.UUID(input.enrollment_id))
+        enrollment = (
+            await session.get(Enrollment, uuid.UUID(input.enrollment_id))
+            if input.enrollment_id
+            else None
+        )
         template = (
             await session.exec(select(Template).where(Template.key == input.template))
         ).first()
@@ -273,7 +285,10 @@ class MessagingActivities:
         address = None
         if contact is not None:
             address = contact.email if channel == MessageChannel.email else contact.phone
-        reason = await _skip_reason(session, channel, contact, enrollment, address)
+        reason = await _skip_reason(
+            session, channel, contact, enrollment, address, broadcast=input.broadcast_id is not None
+        )
+        reason = reason or held_back
         status = MessageStatus.skipped if reason else MessageStatus.pending
         if reason is None and (template is None or template.channel != channel):
             status, reason = MessageStatus.failed, f"no {channel} template {input.template!r}"
@@ -294,6 +309,7 @@ class MessagingActivities:
             "skip_reason": reason,
             "created_at": utcnow(),
             "failed_at": utcnow() if status == MessageStatus.failed else None,
+            "broadcast_id": uuid.UUID(input.broadcast_id) if input.broadcast_id else None,
         }
         await session.exec(
             insert(Message)
@@ -404,10 +420,12 @@ async def _skip_reason(
     contact: Contact | None,
     enrollment: Enrollment | None,
     address: str | None,
+    *,
+    broadcast: bool = False,
 ) -> str | None:
     if contact is None or contact.erased_at is not None:
         return "contact erased"
-    if enrollment is None or enrollment.status != EnrollmentStatus.active:
+    if not broadcast and (enrollment is None or enrollment.status != EnrollmentStatus.active):
         return "enrollment no longer active"
     if not address:
         return f"contact has no {'email address' if channel == MessageChannel.email else 'phone'}"

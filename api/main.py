@@ -23,6 +23,8 @@ from api.openapi import document_errors
 from api.routes import (
     analytics,
     api_keys,
+    broadcasts,
+    bulk_enrollments,
     codec,
     contacts,
     enrollments,
@@ -128,6 +130,9 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     v1.include_router(splits.router)  # A/B winner tests: /v1/journeys/{key}/splits/{step}
     # Key management (admin scope, see api/deps.py ADMIN_ROUTES).
     v1.include_router(api_keys.router)
+    # Campaigns: bulk enrollment (and its schedules) and broadcasts.
+    v1.include_router(bulk_enrollments.router)
+    v1.include_router(broadcasts.router)
     # Segment-spec calls (/v1/batch, /v1/track...), authenticated by the key as write key.
     v1.include_router(segment_spec.router)
     v1.include_router(analytics.router)

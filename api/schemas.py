@@ -199,6 +199,8 @@ class JourneyVersionPublic(BaseModel):
     version: int
     document: dict[str, Any]
     published_at: datetime
+    # enroll_on_publish: the bulk enrollment of the trigger segment's members it started.
+    bulk_enrollment_id: uuid.UUID | None = None
 
 
 class JourneyStatusResult(BaseModel):

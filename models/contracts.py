@@ -185,6 +185,8 @@ class SendMessageInput:
     # The workflow's clock and the journey's zone, for frequency caps and quiet hours.
     now: str | None = None
     default_timezone: str | None = None
+    # A broadcast's send (no enrollment, no journey): its id goes on the message row.
+    broadcast_id: str | None = None
 
 
 @dataclass

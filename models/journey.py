@@ -493,13 +493,8 @@ class JourneyDocument(_Doc):
 
     @model_validator(mode="after")
     def _steps_link_up(self) -> JourneyDocument:
-        if self.enroll_on_publish:
-            if self.trigger is None or self.trigger.segment is None:
-                raise ValueError("enroll_on_publish needs a segment trigger")
-            raise ValueError(
-                "enroll_on_publish is not supported yet: enroll the segment's members through "
-                "the API; new members enter through the segment trigger"
-            )
+        if self.enroll_on_publish and (self.trigger is None or self.trigger.segment is None):
+            raise ValueError("enroll_on_publish needs a segment trigger")
         seen: set[str] = set()
         for step in self.steps:
             if step.id in seen:

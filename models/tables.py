@@ -315,6 +315,10 @@ class Message(SQLModel, table=True):
     complained_at: datetime | None = _ts()
     unsubscribed_at: datetime | None = _ts()
     failed_at: datetime | None = _ts()
+    # The broadcast that sent it (None: a journey's message), for per-broadcast reports.
+    broadcast_id: uuid.UUID | None = Field(
+        default=None, foreign_key="broadcasts.id", ondelete="SET NULL", index=True
+    )
 
 
 class SuppressionReason(StrEnum):
@@ -533,3 +537,160 @@ class SegmentSize(SQLModel, table=True):
     segment_id: uuid.UUID = Field(foreign_key="segments.id", ondelete="CASCADE")
     measured_at: datetime = _ts(nullable=False, default_now=True)
     size: int
+
+
+class BulkJobStatus(StrEnum):
+    running = "running"
+    completed = "completed"
+    cancelled = "cancelled"
+    failed = "failed"
+
+
+class BulkEnrollmentJob(SQLModel, table=True):
+    """One bulk enrollment (a list or a segment into a journey), run by BulkEnrollWorkflow.
+
+    The counts are kept in step with ``bulk_enrollment_items`` in the same transactions,
+    so the API reads progress from here without asking the workflow.
+    """
+
+    __tablename__ = "bulk_enrollment_jobs"
+    __table_args__ = (
+        sa.Index("ix_bulk_enrollment_jobs_journey_created", "journey_id", "created_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    journey_id: uuid.UUID = Field(foreign_key="journeys.id", ondelete="CASCADE")
+    source: str = Field(max_length=16)  # list | segment
+    segment_key: str | None = Field(default=None, max_length=64)
+    schedule_id: uuid.UUID | None = Field(
+        default=None, foreign_key="enrollment_schedules.id", ondelete="SET NULL"
+    )
+    workflow_id: str = Field(max_length=400, unique=True)
+    status: BulkJobStatus = Field(
+        default=BulkJobStatus.running, sa_type=sa.String(16), nullable=False
+    )
+    total: int | None = None  # known once the audience is fixed
+    enrolled: int = 0
+    already_enrolled: int = 0
+    skipped: int = 0
+    failed: int = 0
+    error: str | None = None
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    audience_fixed_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+
+
+class BulkEnrollmentItem(SQLModel, table=True):
+    """The job's ledger: one row per contact of its audience, with what happened to it.
+
+    The primary key (job, contact) fixes the audience once; ``outcome`` is set in the same
+    transaction that bumps the job's counts, and only while it is still NULL, so a retried
+    page neither enrolls nor counts anyone twice.
+    """
+
+    __tablename__ = "bulk_enrollment_items"
+    __table_args__ = (
+        sa.Index(
+            "ix_bulk_enrollment_items_pending",
+            "job_id",
+            "contact_id",
+            postgresql_where=sa.text("outcome IS NULL"),
+        ),
+    )
+
+    job_id: uuid.UUID = Field(
+        foreign_key="bulk_enrollment_jobs.id", ondelete="CASCADE", primary_key=True
+    )
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE", primary_key=True)
+    # enrolled | already_enrolled | skipped | failed (NULL: not done yet)
+    outcome: str | None = Field(default=None, max_length=16)
+    enrollment_id: uuid.UUID | None = Field(
+        default=None, foreign_key="enrollments.id", ondelete="SET NULL"
+    )
+    reason: str | None = Field(default=None, max_length=300)
+    done_at: datetime | None = _ts()
+
+
+class EnrollmentSchedule(SQLModel, table=True):
+    """A recurring bulk enrollment of a segment into a journey; the Temporal Schedule
+    ``enrollment-schedule/<id>`` does the timing, this row names it for the API."""
+
+    __tablename__ = "enrollment_schedules"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    journey_id: uuid.UUID = Field(foreign_key="journeys.id", ondelete="CASCADE", index=True)
+    segment_key: str = Field(max_length=64)
+    cron: str = Field(max_length=200)
+    timezone: str = Field(default="UTC", max_length=64)
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    updated_at: datetime = _ts(nullable=False, default_now=True)
+
+
+class BroadcastStatus(StrEnum):
+    scheduled = "scheduled"  # waiting for send_at
+    sending = "sending"
+    paused = "paused"
+    completed = "completed"
+    cancelled = "cancelled"
+    failed = "failed"
+
+
+class Broadcast(SQLModel, table=True):
+    """A one-time send of a template to a segment, run by one BroadcastWorkflow."""
+
+    __tablename__ = "broadcasts"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    key: str = Field(max_length=64, unique=True)
+    name: str = Field(max_length=200)
+    template_key: str = Field(max_length=64)
+    segment_key: str = Field(max_length=64)
+    channel: MessageChannel = Field(sa_type=sa.String(8), nullable=False)
+    send_at: datetime | None = _ts()  # None: now
+    # local_time: send_at's wall-clock time, in each contact's zone (else default_timezone).
+    local_time: str | None = Field(default=None, max_length=32)
+    default_timezone: str | None = Field(default=None, max_length=64)
+    rate_per_second: float
+    burst: int
+    error_policy: str = Field(default="skip", max_length=8)  # skip | pause
+    status: BroadcastStatus = Field(
+        default=BroadcastStatus.scheduled, sa_type=sa.String(16), nullable=False
+    )
+    status_reason: str | None = None
+    workflow_id: str = Field(max_length=400, unique=True)
+    total: int | None = None
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    created_at: datetime = _ts(nullable=False, default_now=True)
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+
+
+class BroadcastRecipient(SQLModel, table=True):
+    """The broadcast's audience, fixed when sending starts, and each contact's outcome."""
+
+    __tablename__ = "broadcast_recipients"
+    __table_args__ = (
+        sa.Index(
+            "ix_broadcast_recipients_pending",
+            "broadcast_id",
+            "zone",
+            "contact_id",
+            postgresql_where=sa.text("outcome IS NULL"),
+        ),
+    )
+
+    broadcast_id: uuid.UUID = Field(
+        foreign_key="broadcasts.id", ondelete="CASCADE", primary_key=True
+    )
+    contact_id: uuid.UUID = Field(foreign_key="contacts.id", ondelete="CASCADE", primary_key=True)
+    zone: str = Field(default="UTC", max_length=64)  # the zone its local time is judged in
+    # sent | skipped | failed | unconfirmed (NULL: not done yet)
+    outcome: str | None = Field(default=None, max_length=16)
+    message_id: uuid.UUID | None = None
+    reason: str | None = None
+    attempts: int = 0
+    # The broadcast's clock (workflow time) when this contact's group was released.
+    released_at: datetime | None = _ts()
+    done_at: datetime | None = _ts()

@@ -473,10 +473,6 @@ async def test_every_step_type_refuses_bad_definitions(
             "trigger: where may only",
         ),
         ({"enroll_on_publish": True}, "enroll_on_publish needs a segment trigger"),
-        (
-            {"enroll_on_publish": True, "trigger": {"segment": "trial"}},
-            "enroll_on_publish is not supported yet",
-        ),
         ({"reentry": "sometimes"}, "reentry"),
         ({"reentry": {"after": "soon"}}, "invalid duration"),
         ({"exit_when": {"event": "x", "within": "forever"}}, "invalid duration"),

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlmodel import col, func, select
 
 from activities.enrollments import EnrollmentRefused, enroll
+from api.bulk import start_bulk_job
 from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.guard import load_yaml
 from api.routes.enrollments import enrollment_public
@@ -155,8 +156,11 @@ async def get_journey_route(key: JourneyKey, session: SessionDep) -> JourneyPubl
 @router.post(
     "/{key}/publish", response_model=JourneyVersionPublic, status_code=status.HTTP_201_CREATED
 )
-async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersionPublic:
-    """Publish the draft as a new immutable version and make the journey active."""
+async def publish_journey(
+    key: JourneyKey, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
+) -> JourneyVersionPublic:
+    """Publish the draft as a new immutable version and make the journey active; with
+    ``enroll_on_publish`` also start a bulk enrollment of the trigger segment's members."""
     journey = await get_journey(session, key)
     await session.refresh(journey, with_for_update=True)
     if journey.status == JourneyStatus.stopped:
@@ -181,12 +185,19 @@ async def publish_journey(key: JourneyKey, session: SessionDep) -> JourneyVersio
     session.add(version)
     session.add(journey)
     await session.flush()
-    return JourneyVersionPublic(
+    published = JourneyVersionPublic(
         key=journey.key,
         version=version.version,
         document=version.document,
         published_at=version.published_at,
     )
+    if document.enroll_on_publish and document.trigger and document.trigger.segment:
+        # Committed with the version first: the job's contacts start on this version.
+        job = await start_bulk_job(
+            session, temporal, settings, journey, segment_key=document.trigger.segment
+        )
+        published.bulk_enrollment_id = job.id
+    return published
 
 
 @router.get("/{key}/versions/{version}", response_model=JourneyVersionPublic)
