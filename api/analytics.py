@@ -129,6 +129,7 @@ class MessageFilter:
     """Which messages to count; every field set narrows the set."""
 
     journey_id: uuid.UUID | None = None
+    broadcast_id: uuid.UUID | None = None
     version: int | None = None
     step_id: str | None = None
     variant: str | None = None
@@ -141,6 +142,7 @@ class MessageFilter:
         params: dict[str, Any] = {}
         for name, column in (
             ("journey_id", "m.journey_id"),
+            ("broadcast_id", "m.broadcast_id"),
             ("version", "m.journey_version"),
             ("step_id", "m.step_id"),
             ("variant", "m.variant"),

@@ -18,6 +18,7 @@ from api.analytics import MESSAGE_COUNTS, MessageFilter, message_metrics
 from api.main import create_app
 from models.db import session_scope
 from models.tables import (
+    Broadcast,
     Contact,
     Enrollment,
     EnrollmentStatus,
@@ -359,3 +360,76 @@ async def test_segment_sizes_over_time_are_recorded_by_full_refreshes(
     assert naive.status_code == 422 and "since" in naive.text
     bad = await api.get(f"/v1/segments/{key}/sizes", params={"limit": 0})
     assert bad.status_code == 422 and "limit" in bad.text
+
+
+async def test_broadcast_metrics_match_hand_computed_answers(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """Five emails and two SMS of one broadcast, plus a journey's email that must not count:
+    sent counts every message that left (sent or later), opened includes clicked."""
+    key = unique("bc")
+    async with session_scope(settings.database_url) as session:
+        broadcast = Broadcast(
+            key=key,
+            name="Spring sale",
+            template_key="sale",
+            segment_key="everyone",
+            channel=MessageChannel.email,
+            rate_per_second=10,
+            burst=10,
+            workflow_id=f"broadcast:{key}",
+        )
+        session.add(broadcast)
+        await session.flush()
+        statuses = [
+            (MessageChannel.email, MessageStatus.clicked),
+            (MessageChannel.email, MessageStatus.opened),
+            (MessageChannel.email, MessageStatus.delivered),
+            (MessageChannel.email, MessageStatus.bounced),
+            (MessageChannel.email, MessageStatus.skipped),
+            (MessageChannel.sms, MessageStatus.delivered),
+            (MessageChannel.sms, MessageStatus.sent),
+        ]
+        for n, (channel, state) in enumerate(statuses):
+            session.add(
+                Message(
+                    idempotency_key=f"{key}:{n}",
+                    broadcast_id=broadcast.id,
+                    channel=channel,
+                    provider="outbox",
+                    status=state,
+                    sent_at=None if state == MessageStatus.skipped else T0,
+                    delivered_at=T0 if state in ("delivered", "opened", "clicked") else None,
+                    opened_at=T0 if state in ("opened", "clicked") else None,
+                    clicked_at=T0 if state == "clicked" else None,
+                    bounced_at=T0 if state == "bounced" else None,
+                )
+            )
+        session.add(
+            Message(
+                idempotency_key=f"{key}:journey",
+                channel=MessageChannel.email,
+                provider="outbox",
+                status=MessageStatus.clicked,
+                sent_at=T0,
+            )
+        )
+    answer = await api.get(f"/v1/broadcasts/{key}/metrics")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    totals = body["messages"]
+    assert (totals["sent"], totals["delivered"], totals["opened"], totals["clicked"]) == (
+        6,
+        4,
+        2,
+        1,
+    )
+    assert (totals["bounced"], totals["skipped"]) == (1, 1)
+    assert totals["open_rate"] == round(2 / 6, 4)  # rates are rounded to 4 places
+    assert totals["click_rate"] == round(1 / 6, 4)
+    by_channel = {row["channel"]: row for row in body["by_channel"]}
+    assert by_channel["email"]["sent"] == 4 and by_channel["sms"]["sent"] == 2
+    assert by_channel["sms"]["delivered"] == 1
+
+    missing = await api.get("/v1/broadcasts/no-such-broadcast/metrics")
+    assert missing.status_code == 404 and "no-such-broadcast" in missing.text

@@ -1,20 +1,28 @@
-"""Metrics of journeys (per version, step and A/B variant) and segment sizes over time."""
+"""Metrics of journeys (per version, step and A/B variant), of broadcasts (per channel), and
+segment sizes over time."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
 from sqlmodel import select
 
-from api.analytics import journey_report, segment_sizes
+from api.analytics import (
+    MessageFilter,
+    breakdown,
+    journey_report,
+    message_metrics,
+    message_summary,
+    segment_sizes,
+)
 from api.deps import SessionDep
 from api.routes.journeys import JourneyKey
 from api.routes.segments import SegmentKey
 from api.services import get_journey
-from models.tables import JourneyVersion, Segment
+from models.tables import Broadcast, JourneyVersion, Segment
 
 router = APIRouter(tags=["analytics"])
 
@@ -29,6 +37,14 @@ class JourneyMetrics(BaseModel):
     by_version: list[dict[str, Any]]
     by_step: list[dict[str, Any]]
     by_variant: list[dict[str, Any]]
+
+
+class BroadcastMetrics(BaseModel):
+    """The same message counts and rates as a journey's, for one broadcast's sends."""
+
+    broadcast: str
+    messages: dict[str, Any]
+    by_channel: list[dict[str, Any]]
 
 
 class SegmentSizePoint(BaseModel):
@@ -65,6 +81,24 @@ async def journey_metrics(
             )
     report = await journey_report(session, journey.id, version)
     return JourneyMetrics(journey=key, version=version, **report)
+
+
+@router.get("/broadcasts/{key}/metrics", response_model=BroadcastMetrics)
+async def broadcast_metrics(
+    key: Annotated[str, Path(min_length=1, max_length=64)], session: SessionDep
+) -> BroadcastMetrics:
+    """Sent, delivered, opened, clicked, bounced, complained, unsubscribed, failed and
+    skipped (suppressed, capped) with rates, in all and per channel."""
+    broadcast = (await session.exec(select(Broadcast).where(Broadcast.key == key))).first()
+    if broadcast is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no broadcast with key {key!r}")
+    rows = await message_metrics(session, MessageFilter(broadcast_id=broadcast.id), ["channel"])
+    totals = next((r for r in rows if not r.key), None)
+    return BroadcastMetrics(
+        broadcast=key,
+        messages=message_summary(totals),
+        by_channel=[{**r.key, **message_summary(r)} for r in breakdown(rows, "channel")],
+    )
 
 
 @router.get("/segments/{key}/sizes", response_model=SegmentSizes)
