@@ -284,3 +284,48 @@ async def ingestion(
         "raw_per_s": round(n / raw_s, 1),
         "ratio": round(raw_s / api_s, 2),
     }
+
+
+async def bulk_enrollment(
+    stack: Stack, people: list[tuple[str, str]], concurrency: int
+) -> dict[str, Any]:
+    """The same contacts enrolled with one ``POST /v1/journeys/{key}/bulk-enrollments`` in a
+    copy of the bench journey, from the request until the job reports every contact done
+    (the workflow pages through them, starting journeys ``NURTURE_BULK_ENROLL_CONCURRENCY``
+    at a time), beside as many minimal workflows started raw."""
+    copy = {**JOURNEY, "key": f"{JOURNEY['key']}-bulk", "name": "Bench: bulk"}
+    (await stack.api.post("/v1/journeys", json=copy)).raise_for_status()
+    (await stack.api.post(f"/v1/journeys/{copy['key']}/publish")).raise_for_status()
+
+    async def start(person: tuple[str, str]) -> None:
+        await stack.client.start_workflow(
+            MinimalJourneyWorkflow.run,
+            PLAN,
+            id=f"baseline-bulk/{person[0]}",
+            task_queue=BASELINE_QUEUE,
+        )
+
+    raw_s = await concurrently(people, start, concurrency)
+    started = time.perf_counter()
+    response = await stack.api.post(
+        f"/v1/journeys/{copy['key']}/bulk-enrollments",
+        json={"contact_ids": [contact_id for contact_id, _ in people]},
+    )
+    response.raise_for_status()
+    job = response.json()
+    while job["status"] == "running":
+        await asyncio.sleep(0.2)
+        answer = await stack.api.get(f"/v1/bulk-enrollments/{job['id']}")
+        answer.raise_for_status()
+        job = answer.json()
+    bulk_s = time.perf_counter() - started
+    if job["status"] != "completed" or job["enrolled"] != len(people):
+        raise RuntimeError(f"bulk enrollment ended {job['status']}: {job}")
+    await stack.settle()
+    n = len(people)
+    return {
+        "contacts": n,
+        "nurture_per_s": round(n / bulk_s, 1),
+        "raw_per_s": round(n / raw_s, 1),
+        "ratio": round(raw_s / bulk_s, 2),
+    }
