@@ -36,9 +36,9 @@ import sqlalchemy as sa
 from temporalio.testing import WorkflowEnvironment
 
 from api.main import create_app
-from devstack.postgres import create_database, drop_database, migrate, start_embedded, stop_embedded
+from bench.stack import scratch_database
 from models.contracts import SEARCH_ATTRIBUTES
-from models.db import get_engine, session_scope
+from models.db import session_scope
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,21 +176,8 @@ async def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--concurrency", type=int, default=8, help="journeys started at once")
     args = parser.parse_args()
-    server_url = os.environ.get("DATABASE_URL")
-    embedded = None
-    if not server_url:
-        embedded = Path(tempfile.mkdtemp(prefix="nurture-bench-")) / "pg"
-        server_url = start_embedded(embedded)
-    name = f"nurture_bench_{uuid.uuid4().hex[:8]}"
-    database_url = create_database(server_url, name, exist_ok=False)
-    try:
-        migrate(database_url)
+    async with scratch_database() as database_url:
         report = await run(database_url, args.contacts, args.workers, args.concurrency)
-    finally:
-        await get_engine(database_url).dispose()
-        drop_database(server_url, name)
-        if embedded is not None:
-            stop_embedded(embedded)
     print(
         f"\n{report['contacts']:,} contacts, {report['workers']} worker(s): segment defined in "
         f"{report['segment_seconds']} s; audience fixed after {report['fix_audience_seconds']} "

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -41,7 +39,7 @@ from api.analytics import (
     journey_report,
     message_metrics,
 )
-from devstack.postgres import create_database, drop_database, migrate, start_embedded, stop_embedded
+from bench.stack import scratch_database
 from models.db import get_engine, session_scope
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -236,24 +234,8 @@ async def main() -> None:
         await get_engine(args.database).dispose()
         print_table(report)
         return
-    server_url = os.environ.get("DATABASE_URL")
-    embedded = None
-    if not server_url:
-        embedded = Path(tempfile.mkdtemp(prefix="nurture-bench-")) / "pg"
-        server_url = start_embedded(embedded)
-    name = f"nurture_bench_{uuid.uuid4().hex[:8]}"
-    database_url = create_database(server_url, name, exist_ok=False)
-    try:
-        migrate(database_url)
+    async with scratch_database(keep=args.keep) as database_url:
         report = await run(database_url, args.messages, args.runs)
-    finally:
-        await get_engine(database_url).dispose()
-        if args.keep:
-            print(f"kept {database_url}")
-        else:
-            drop_database(server_url, name)
-        if embedded is not None:
-            stop_embedded(embedded)
     print_table(report)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"metrics_query_{args.messages}.json"

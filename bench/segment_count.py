@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,15 +32,9 @@ import sqlalchemy as sa
 from sqlmodel import col, func, select
 
 from activities.audience import CONDITION, refresh_audience
-from devstack.postgres import (
-    create_database,
-    drop_database,
-    migrate,
-    start_embedded,
-    stop_embedded,
-)
+from bench.stack import scratch_database
 from models.conditions_sql import compile_condition
-from models.db import get_engine, session_scope
+from models.db import session_scope
 from models.tables import Contact, Segment, SegmentMember, utcnow
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,21 +200,8 @@ async def main() -> None:
     parser.add_argument("--contacts", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (best kept)")
     args = parser.parse_args()
-    server_url = os.environ.get("DATABASE_URL")
-    embedded = None
-    if not server_url:
-        embedded = Path(tempfile.mkdtemp(prefix="nurture-bench-")) / "pg"
-        server_url = start_embedded(embedded)
-    name = f"nurture_bench_{uuid.uuid4().hex[:8]}"
-    database_url = create_database(server_url, name, exist_ok=False)
-    try:
-        migrate(database_url)
+    async with scratch_database() as database_url:
         report = await run(database_url, args.contacts, args.runs)
-    finally:
-        await get_engine(database_url).dispose()
-        drop_database(server_url, name)
-        if embedded is not None:
-            stop_embedded(embedded)
     print_table(report)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"segment_count_{args.contacts}.json"

@@ -80,8 +80,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    """A migrated database of its own on ``DATABASE_URL``'s server, else on an embedded one."""
+async def scratch_database(keep: bool = False) -> AsyncIterator[str]:
+    """A migrated database of its own on ``DATABASE_URL``'s server, else on an embedded one
+    (stopped after); dropped after unless ``keep``."""
     server_url = os.environ.get("DATABASE_URL")
     embedded = None
     if not server_url:
@@ -97,8 +98,11 @@ async def scratch_database() -> AsyncIterator[str]:
 
         await get_engine(database_url).dispose()
         get_engine.cache_clear()
-        drop_database(server_url, name)
-        if embedded is not None:
+        if keep:
+            print(f"kept {database_url}")
+        else:
+            drop_database(server_url, name)
+        if embedded is not None and not keep:
             stop_embedded(embedded)
 
 
