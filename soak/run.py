@@ -183,7 +183,19 @@ class Soak:
         document = {
             "key": self.key,
             "name": "Soak: two emails, leave when done",
-            "exit_when": {"any": [{"event": "soak_done"}]},
+            # It listens to the page views and form fills the load sends (conditions that
+            # never hold), so each of them is signalled to it: journeys hear only the
+            # events their document reads.
+            "exit_when": {
+                "any": [
+                    {"event": "soak_done"},
+                    {"event": "page_viewed", "where": {"prop": "page", "op": "eq", "value": "-"}},
+                    {
+                        "event": "form_submitted",
+                        "where": {"prop": "form", "op": "eq", "value": "-"},
+                    },
+                ]
+            },
             "steps": [
                 {"id": "first", "type": "email", "template": "soak-mail"},
                 {"id": "pause", "type": "wait", "duration": "3s"},
