@@ -164,10 +164,17 @@ class BulkEnrollmentActivities:
         finished = [False] * len(contact_ids)
         done_upto = after
 
+        in_flight: set[asyncio.Task[None]] = set()
+
         async def one(index: int, contact_id: uuid.UUID) -> None:
             nonlocal done_upto
             async with gate:
-                await self._enroll_one(job, journey, contact_id)
+                # Shielded: a contact whose enrollment began gets its ledger row even when
+                # the page is cancelled meanwhile (the cancel below waits for it).
+                task = asyncio.ensure_future(self._enroll_one(job, journey, contact_id))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                await asyncio.shield(task)
             finished[index] = True
             # Advance the resume point over the finished prefix only.
             advanced = None
@@ -179,9 +186,15 @@ class BulkEnrollmentActivities:
                 done_upto = str(contact_ids[advanced])
             activity.heartbeat(done_upto)
 
-        outcomes = await asyncio.gather(
-            *(one(i, c) for i, c in enumerate(contact_ids)), return_exceptions=True
-        )
+        try:
+            outcomes = await asyncio.gather(
+                *(one(i, c) for i, c in enumerate(contact_ids)), return_exceptions=True
+            )
+        except asyncio.CancelledError:
+            # Contacts not begun are left pending; those under way finish and are recorded.
+            if in_flight:
+                await asyncio.wait(set(in_flight))
+            raise
         crashed = [o for o in outcomes if isinstance(o, BaseException)]
         if crashed:
             raise crashed[0]  # the others finished and are in the ledger; a retry goes on
