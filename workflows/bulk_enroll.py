@@ -81,9 +81,6 @@ class BulkEnrollWorkflow:
                     start_to_close_timeout=timedelta(minutes=30),
                     heartbeat_timeout=timedelta(seconds=10),
                     retry_policy=PAGE_RETRY,
-                    # A cancel waits for the page to record the contacts it was enrolling,
-                    # so the job's final counts are the enrollments it made.
-                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     summary=f"Enroll up to {input.page_size} contacts into "
                     f"'{input.journey_key}' after {self.progress.cursor or 'the start'}",
                 )
