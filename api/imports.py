@@ -32,7 +32,7 @@ from psycopg.types.json import Jsonb
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.schemas import ImportResult, ImportRowError, normalise_email, normalise_phone
-from models.journey import KNOWN_TIMEZONES
+from models.journey import check_timezone
 from settings import Settings
 
 MAX_ERRORS = 1000
@@ -121,9 +121,7 @@ def _clean(given: dict[str, Any]) -> tuple[Any, ...]:
     phone = given.get("phone")
     if phone is not None:
         phone = normalise_phone(_text("phone", phone, 64))
-    zone = given.get("timezone")
-    if zone is not None and zone not in KNOWN_TIMEZONES:
-        raise ValueError(f"unknown time zone {zone!r} (use an IANA name like Europe/Paris)")
+    zone = check_timezone(given.get("timezone"))
     stage = given.get("lifecycle_stage")
     if stage is not None and not _text("lifecycle_stage", stage, 32):
         raise ValueError("lifecycle_stage is empty")

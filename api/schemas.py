@@ -10,7 +10,7 @@ from typing import Any
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models.journey import KNOWN_TIMEZONES
+from models.journey import check_timezone
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -78,9 +78,7 @@ class _ContactFields(_Body):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
-        return value
+        return check_timezone(value)
 
 
 class ContactUpsert(_ContactFields):

@@ -30,6 +30,13 @@ STEP_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 KNOWN_TIMEZONES = frozenset(available_timezones())
 
 
+def check_timezone(value: str | None) -> str | None:
+    """The zone name, if IANA knows it (None passes); the one check every input uses."""
+    if value is not None and value not in KNOWN_TIMEZONES:
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
+    return value
+
+
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -487,9 +494,7 @@ class JourneyDocument(_Doc):
     @field_validator("default_timezone")
     @classmethod
     def _known_zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
-        return value
+        return check_timezone(value)
 
     @model_validator(mode="after")
     def _steps_link_up(self) -> JourneyDocument:

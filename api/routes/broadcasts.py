@@ -23,7 +23,7 @@ from models.campaigns import (
     BroadcastProgress,
     broadcast_workflow_id,
 )
-from models.journey import KEY_PATTERN, KNOWN_TIMEZONES
+from models.journey import KEY_PATTERN, check_timezone
 from models.tables import (
     Broadcast,
     BroadcastStatus,
@@ -95,9 +95,7 @@ class BroadcastIn(BaseModel):
     @field_validator("default_timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
-        return value
+        return check_timezone(value)
 
     @model_validator(mode="after")
     def _one_moment(self) -> BroadcastIn:

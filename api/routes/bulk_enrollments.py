@@ -29,7 +29,7 @@ from api.deps import SessionDep, SettingsDep, TemporalDep
 from api.schemas import normalise_email
 from api.services import get_journey
 from models.campaigns import BulkEnrollInput, BulkProgress, enrollment_schedule_id
-from models.journey import KEY_PATTERN, KNOWN_TIMEZONES
+from models.journey import KEY_PATTERN, check_timezone
 from models.tables import (
     BulkEnrollmentJob,
     BulkJobStatus,
@@ -116,8 +116,7 @@ class ScheduleIn(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        if value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
+        check_timezone(value)
         return value
 
 
@@ -135,9 +134,7 @@ class ScheduleUpdateIn(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in KNOWN_TIMEZONES:
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Paris)")
-        return value
+        return check_timezone(value)
 
 
 class SchedulePublic(BaseModel):
