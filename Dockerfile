@@ -14,7 +14,9 @@ COPY devstack ./devstack
 COPY migrations ./migrations
 COPY examples ./examples
 COPY worker.py settings.py alembic.ini ./
-RUN pip install . && mkdir -p /data/outbox && chown -R nurture /data
+# Bytecode beside the sources: the workflow sandbox imports the workflow modules afresh for
+# every run, and /app is not writable by the worker at run time.
+RUN pip install . && python -m compileall -q /app && mkdir -p /data/outbox && chown -R nurture /data
 
 USER nurture
 EXPOSE 8000

@@ -1,5 +1,6 @@
 """The baseline's worker process: the minimal hand-written workflow and its one activity,
-tuned like the Nurture worker (same settings), polling its own task queue.
+tuned like the Nurture worker (same settings, bytecode warmed the same way), polling its own
+task queue.
 
 Usage: ``python -m bench.baseline_worker <temporal address> <task queue>``.
 """
@@ -15,10 +16,12 @@ from temporalio.worker import Worker
 
 from bench.minimal import MinimalJourneyWorkflow, minimal_act
 from settings import Settings
+from worker import warm_bytecode
 
 
 async def main(address: str, task_queue: str) -> None:
     settings = Settings()
+    warm_bytecode()  # as the Nurture worker does: the sandbox re-imports per run
     client = await Client.connect(address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
