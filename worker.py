@@ -105,18 +105,16 @@ def warm_bytecode() -> int:
     journey. Where the source's ``__pycache__`` cannot be written, a private
     ``sys.pycache_prefix`` is used instead.
     """
-    sources = sorted(
-        {
-            Path(module.__file__).resolve()
-            for module in list(sys.modules.values())
-            if getattr(module, "__file__", None)
-            and str(module.__file__).endswith(".py")
-            and Path(module.__file__).resolve().is_relative_to(PROJECT_DIR)
-            and not Path(module.__file__).resolve().is_relative_to(Path(sys.prefix))
-        }
-    )
+    sources: set[Path] = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file or not file.endswith(".py"):
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(PROJECT_DIR) and not path.is_relative_to(Path(sys.prefix)):
+            sources.add(path)
     compiled = 0
-    for source in sources:
+    for source in sorted(sources):
         cached = importlib.util.cache_from_source(str(source))
         try:
             fresh = Path(cached).stat().st_mtime >= source.stat().st_mtime
