@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,7 +31,16 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.delivery import temporal_unavailable
-from activities.enrollments import EnrollmentRefused, enroll
+from activities.enrollments import (
+    EnrollmentRefused,
+    cooling_down,
+    current_version,
+    new_enrollment_values,
+    parsed_version,
+    refuse_closed,
+    start_run,
+)
+from activities.snapshots import contact_snapshots
 from models.campaigns import (
     BulkProgress,
     EnrollPageInput,
@@ -40,12 +50,16 @@ from models.campaigns import (
     FixBulkAudienceResult,
 )
 from models.db import session_scope
+from models.listening import listening_of
 from models.tables import (
     BulkEnrollmentItem,
     BulkEnrollmentJob,
     BulkJobStatus,
     Contact,
+    Enrollment,
+    EnrollmentStatus,
     Journey,
+    JourneyVersion,
     Segment,
     SegmentMember,
     utcnow,
@@ -55,6 +69,9 @@ from settings import Settings
 log = logging.getLogger(__name__)
 DATABASE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
 _COUNTS = ("enrolled", "already_enrolled", "skipped", "failed")
+# A page works in chunks of this many times its concurrency: one insert and one ledger
+# update per chunk; a cancel waits for at most one chunk.
+CHUNK_PER_CONCURRENCY = 4
 
 
 def job_progress(job: BulkEnrollmentJob, cursor: str | None = None) -> BulkProgress:
@@ -136,7 +153,9 @@ class BulkEnrollmentActivities:
 
     @activity.defn(name="enroll_bulk_page")
     async def enroll_bulk_page(self, input: EnrollPageInput) -> EnrollPageResult:
-        """Enroll the next page of the ledger's pending contacts, ``concurrency`` at a time.
+        """Enroll the next page of the ledger's pending contacts, in chunks: each chunk's
+        enrollment rows in one INSERT, their journeys started ``concurrency`` at a time, and
+        their outcomes and counts in one transaction.
 
         Heartbeats carry the last contact id below which everything is done, so a retried
         attempt starts there (the ledger skips anyone done beyond it as well).
@@ -148,8 +167,6 @@ class BulkEnrollmentActivities:
             job = await session.get(BulkEnrollmentJob, job_id)
             if job is None:
                 raise ApplicationError(f"no bulk enrollment job {job_id}", non_retryable=True)
-            journey = await session.get(Journey, job.journey_id)
-            assert journey is not None
             query = (
                 select(BulkEnrollmentItem.contact_id)
                 .where(BulkEnrollmentItem.job_id == job_id)
@@ -160,44 +177,19 @@ class BulkEnrollmentActivities:
             if after:
                 query = query.where(col(BulkEnrollmentItem.contact_id) > uuid.UUID(after))
             contact_ids = list((await session.exec(query)).all())
-        gate = asyncio.Semaphore(max(1, input.concurrency))
-        finished = [False] * len(contact_ids)
-        done_upto = after
-
-        in_flight: set[asyncio.Task[None]] = set()
-
-        async def one(index: int, contact_id: uuid.UUID) -> None:
-            nonlocal done_upto
-            async with gate:
-                # Shielded: a contact whose enrollment began gets its ledger row even when
-                # the page is cancelled meanwhile (the cancel below waits for it).
-                task = asyncio.ensure_future(self._enroll_one(job, journey, contact_id))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                await asyncio.shield(task)
-            finished[index] = True
-            # Advance the resume point over the finished prefix only.
-            advanced = None
-            for position, ok in enumerate(finished):
-                if not ok:
-                    break
-                advanced = position
-            if advanced is not None:
-                done_upto = str(contact_ids[advanced])
-            activity.heartbeat(done_upto)
-
-        try:
-            outcomes = await asyncio.gather(
-                *(one(i, c) for i, c in enumerate(contact_ids)), return_exceptions=True
-            )
-        except asyncio.CancelledError:
-            # Contacts not begun are left pending; those under way finish and are recorded.
-            if in_flight:
-                await asyncio.wait(set(in_flight))
-            raise
-        crashed = [o for o in outcomes if isinstance(o, BaseException)]
-        if crashed:
-            raise crashed[0]  # the others finished and are in the ledger; a retry goes on
+        concurrency = max(1, input.concurrency)
+        size = concurrency * CHUNK_PER_CONCURRENCY
+        for first in range(0, len(contact_ids), size):
+            chunk = contact_ids[first : first + size]
+            # Shielded: a chunk whose enrollments began is finished and recorded even when
+            # the page is cancelled meanwhile; contacts in later chunks stay pending.
+            work = asyncio.ensure_future(self._enroll_chunk(job, chunk, concurrency))
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait({work})
+                raise
+            activity.heartbeat(str(chunk[-1]))
         async with session_scope(self.database_url) as session:
             refreshed = await session.get(BulkEnrollmentJob, job_id)
             assert refreshed is not None
@@ -217,71 +209,222 @@ class BulkEnrollmentActivities:
                 progress=job_progress(refreshed, last),
             )
 
-    async def _enroll_one(
-        self, job: BulkEnrollmentJob, journey: Journey, contact_id: uuid.UUID
+    async def _enroll_chunk(
+        self, job: BulkEnrollmentJob, contact_ids: list[uuid.UUID], concurrency: int
     ) -> None:
-        outcome, reason, enrollment_id = "failed", None, None
+        """Enroll these contacts: the enrollment core's rules (one active run per journey
+        and contact, the re-entry policy, rows committed before their runs start), with one
+        statement per step for the whole chunk instead of one per contact."""
+        outcomes: dict[uuid.UUID, tuple[str, str | None, uuid.UUID | None]] = {}
         async with session_scope(self.database_url) as session:
-            contact = await session.get(Contact, contact_id)
-            if contact is None or contact.erased_at is not None:
-                outcome, reason = "skipped", "contact erased"
-            else:
-                journey_row = await session.get(Journey, journey.id)
-                assert journey_row is not None
-                try:
-                    enrollment, created = await enroll(
-                        session,
-                        activity.client(),
-                        self.settings,
-                        journey_row,
-                        contact,
-                        trigger={"bulk_enrollment": str(job.id)},
-                    )
-                except EnrollmentRefused as refused:
-                    # The journey was stopped mid-job: nobody else can enter either.
-                    raise ApplicationError(str(refused), non_retryable=True) from None
-                except Exception as err:
-                    if temporal_unavailable(err) or isinstance(err, DATABASE_ERRORS):
-                        raise  # worth retrying: the activity's retry takes the page again
-                    # Anything else is this contact's own problem: record it, go on.
-                    await session.rollback()
-                    outcome, reason = "failed", f"{type(err).__name__}: {err}"[:300]
+            journey = await session.get(Journey, job.journey_id)
+            assert journey is not None
+            try:
+                refuse_closed(journey)
+            except EnrollmentRefused as refused:
+                # The journey was stopped mid-job: nobody else can enter either.
+                raise ApplicationError(str(refused), non_retryable=True) from None
+            version = await current_version(session, journey)
+            document = parsed_version(version)
+            contacts = {
+                contact.id: contact
+                for contact in (
+                    await session.exec(select(Contact).where(col(Contact.id).in_(contact_ids)))
+                ).all()
+                if contact.erased_at is None
+            }
+            latest = await self._latest(session, journey.id, list(contacts))
+            # (enrollment, its version, whether it re-enters) for each run to start.
+            starts: list[tuple[Enrollment, JourneyVersion, bool]] = []
+            rows: list[dict[str, Any]] = []
+            for contact_id in contact_ids:
+                previous = latest.get(contact_id)
+                if contact_id not in contacts:
+                    outcomes[contact_id] = ("skipped", "contact erased", None)
+                elif previous is not None and (
+                    previous.status == EnrollmentStatus.active or cooling_down(document, previous)
+                ):
+                    outcomes[contact_id] = self._existing(job, previous)
+                    if previous.status == EnrollmentStatus.active and previous.run_id is None:
+                        # An earlier attempt stored the row; its run may not have started.
+                        started_on = await session.get(JourneyVersion, previous.journey_version_id)
+                        assert started_on is not None
+                        starts.append((previous, started_on, False))
                 else:
-                    enrollment_id = enrollment.id
-                    # An earlier attempt of this page may have made it: still this job's.
-                    ours = created or enrollment.started_at >= job.created_at
-                    outcome = "enrolled" if ours else "already_enrolled"
-                    if not ours:
-                        reason = f"already {enrollment.status} since {enrollment.started_at}"
-            await self._record(session, job.id, contact_id, outcome, reason, enrollment_id)
+                    rows.append(
+                        new_enrollment_values(
+                            journey,
+                            version,
+                            contact_id,
+                            trigger={"bulk_enrollment": str(job.id)},
+                        )
+                    )
+            if rows:
+                connection = await session.connection()
+                inserted = set(
+                    (
+                        await connection.execute(
+                            insert(Enrollment)
+                            .values(rows)
+                            .on_conflict_do_nothing()
+                            .returning(col(Enrollment.contact_id))
+                        )
+                    ).scalars()
+                )
+                await session.commit()
+                raced = [row["contact_id"] for row in rows if row["contact_id"] not in inserted]
+                # Enrolled by someone else between the read and the insert: theirs to start.
+                for contact_id, previous in (
+                    await self._latest(session, journey.id, raced)
+                ).items():
+                    outcomes[contact_id] = self._existing(job, previous)
+                for row in rows:
+                    if row["contact_id"] in inserted:
+                        enrollment = Enrollment(**row)
+                        outcomes[row["contact_id"]] = ("enrolled", None, enrollment.id)
+                        starts.append(
+                            (enrollment, version, latest.get(row["contact_id"]) is not None)
+                        )
+            views = await contact_snapshots(
+                session,
+                [contacts[enrollment.contact_id] for enrollment, _, _ in starts],
+                with_segments=bool(listening_of(document).segments),
+            )
+            gate = asyncio.Semaphore(concurrency)
+            temporal = activity.client()
+
+            async def start(
+                enrollment: Enrollment, started_on: JourneyVersion, reentry: bool
+            ) -> str | None:
+                async with gate:
+                    return await start_run(
+                        temporal, self.settings, journey, started_on, enrollment,
+                        views[enrollment.contact_id], None, reentry=reentry,
+                    )  # fmt: skip
+
+            results = await asyncio.gather(
+                *(start(*each) for each in starts), return_exceptions=True
+            )
+            run_ids: list[dict[str, Any]] = []
+            unstartable: list[uuid.UUID] = []
+            retry: BaseException | None = None
+            for (enrollment, _, _), result in zip(starts, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, BaseException):
+                    if temporal_unavailable(result) or isinstance(result, DATABASE_ERRORS):
+                        # Worth retrying: the page's retry finds the row and starts it.
+                        outcomes.pop(enrollment.contact_id, None)
+                        retry = retry or result
+                        continue
+                    # This contact's own problem: record it and end the row, so no drain
+                    # starts it later.
+                    reason = f"{type(result).__name__}: {result}"[:300]
+                    outcomes[enrollment.contact_id] = ("failed", reason, enrollment.id)
+                    unstartable.append(enrollment.id)
+                elif result:
+                    run_ids.append({"enrollment_id": enrollment.id, "run_id": result})
+            await self._record(session, job.id, outcomes, run_ids, unstartable)
+        if retry is not None:
+            raise retry
+
+    @staticmethod
+    async def _latest(
+        session: Any, journey_id: uuid.UUID, contact_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Enrollment]:
+        """Each contact's latest enrollment (key value '') in the journey."""
+        if not contact_ids:
+            return {}
+        rows = (
+            await session.exec(
+                select(Enrollment)
+                .where(Enrollment.journey_id == journey_id)
+                .where(col(Enrollment.contact_id).in_(contact_ids))
+                .where(Enrollment.run_key == "")
+                .order_by(col(Enrollment.started_at))
+            )
+        ).all()
+        return {row.contact_id: row for row in rows}  # the latest of each contact's runs wins
+
+    @staticmethod
+    def _existing(
+        job: BulkEnrollmentJob, enrollment: Enrollment
+    ) -> tuple[str, str | None, uuid.UUID | None]:
+        # An earlier attempt of this page may have made it: still this job's.
+        if enrollment.started_at >= job.created_at:
+            return "enrolled", None, enrollment.id
+        return (
+            "already_enrolled",
+            f"already {enrollment.status} since {enrollment.started_at}",
+            enrollment.id,
+        )
 
     async def _record(
         self,
         session: Any,
         job_id: uuid.UUID,
-        contact_id: uuid.UUID,
-        outcome: str,
-        reason: str | None,
-        enrollment_id: uuid.UUID | None,
+        outcomes: dict[uuid.UUID, tuple[str, str | None, uuid.UUID | None]],
+        run_ids: list[dict[str, Any]],
+        unstartable: list[uuid.UUID],
     ) -> None:
-        """Set the ledger row's outcome once, and count it in the same transaction."""
+        """Run ids, ledger outcomes (each set once) and the job's counts of the outcomes
+        set now, in one transaction."""
         connection = await session.connection()
-        changed = await connection.execute(
-            sa.update(BulkEnrollmentItem)
-            .where(col(BulkEnrollmentItem.job_id) == job_id)
-            .where(col(BulkEnrollmentItem.contact_id) == contact_id)
-            .where(col(BulkEnrollmentItem.outcome).is_(None))
-            .values(outcome=outcome, reason=reason, enrollment_id=enrollment_id, done_at=utcnow())
-            .returning(col(BulkEnrollmentItem.contact_id))
-        )
-        if changed.first() is not None:
-            assert outcome in _COUNTS
-            column = getattr(BulkEnrollmentJob, outcome)
+        if run_ids:
+            started = sa.values(
+                sa.column("enrollment_id", sa.Uuid), sa.column("run_id", sa.String), name="started"
+            ).data([(row["enrollment_id"], row["run_id"]) for row in run_ids])
             await connection.execute(
-                sa.update(BulkEnrollmentJob)
-                .where(col(BulkEnrollmentJob.id) == job_id)
-                .values({outcome: column + 1})
+                sa.update(Enrollment)
+                .where(col(Enrollment.id) == started.c.enrollment_id)
+                .where(col(Enrollment.run_id).is_(None))
+                .values(run_id=started.c.run_id)
             )
+        if unstartable:
+            await connection.execute(
+                sa.update(Enrollment)
+                .where(col(Enrollment.id).in_(unstartable))
+                .where(col(Enrollment.run_id).is_(None))
+                .values(
+                    status=EnrollmentStatus.failed,
+                    exit_reason="the run could not be started",
+                    ended_at=utcnow(),
+                )
+            )
+        if outcomes:
+            done = sa.values(
+                sa.column("contact_id", sa.Uuid),
+                sa.column("outcome", sa.String),
+                sa.column("reason", sa.String),
+                sa.column("enrollment_id", sa.Uuid),
+                name="done",
+            ).data([(contact, *outcome) for contact, outcome in outcomes.items()])
+            changed = await connection.execute(
+                sa.update(BulkEnrollmentItem)
+                .where(col(BulkEnrollmentItem.job_id) == job_id)
+                .where(col(BulkEnrollmentItem.contact_id) == done.c.contact_id)
+                .where(col(BulkEnrollmentItem.outcome).is_(None))
+                .values(
+                    outcome=done.c.outcome,
+                    reason=done.c.reason,
+                    enrollment_id=done.c.enrollment_id,
+                    done_at=utcnow(),
+                )
+                .returning(col(BulkEnrollmentItem.outcome))
+            )
+            counts = Counter(changed.scalars())
+            if counts:
+                assert set(counts) <= set(_COUNTS)
+                await connection.execute(
+                    sa.update(BulkEnrollmentJob)
+                    .where(col(BulkEnrollmentJob.id) == job_id)
+                    .values(
+                        {
+                            outcome: getattr(BulkEnrollmentJob, outcome) + n
+                            for outcome, n in counts.items()
+                        }
+                    )
+                )
         await session.commit()
 
     @activity.defn(name="finish_bulk_job")

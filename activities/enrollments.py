@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from models.contracts import (
     SA_JOURNEY,
     SA_STATUS,
     SA_VERSION,
+    ContactSnapshot,
     EnrollInput,
     EnrollResult,
     EventSignal,
@@ -37,7 +39,7 @@ from models.contracts import (
     journey_workflow_id,
 )
 from models.db import session_scope
-from models.journey import ReentryAfter, parse_journey
+from models.journey import JourneyDocument, ReentryAfter, parse_journey
 from models.listening import listening_of
 from models.tables import (
     Contact,
@@ -56,6 +58,81 @@ log = logging.getLogger(__name__)
 
 class EnrollmentRefused(Exception):
     """The journey takes no new contacts (draft or stopped)."""
+
+
+# Published versions never change, so each process parses a version's document once.
+_PARSED: OrderedDict[uuid.UUID, JourneyDocument] = OrderedDict()
+_PARSED_MOST = 256
+
+
+def parsed_version(version: JourneyVersion) -> JourneyDocument:
+    """The version's document, parsed (cached by version id)."""
+    document = _PARSED.get(version.id)
+    if document is None:
+        document = parse_journey(version.document)
+        _PARSED[version.id] = document
+        while len(_PARSED) > _PARSED_MOST:
+            _PARSED.popitem(last=False)
+    else:
+        _PARSED.move_to_end(version.id)
+    return document
+
+
+def refuse_closed(journey: Journey) -> None:
+    """Raise ``EnrollmentRefused`` unless the journey takes new contacts."""
+    if journey.status not in (JourneyStatus.active, JourneyStatus.paused):
+        raise EnrollmentRefused(
+            f"journey {journey.key!r} is {journey.status}: "
+            + (
+                "publish it before enrolling"
+                if journey.status == JourneyStatus.draft
+                else "it takes no new contacts"
+            )
+        )
+
+
+async def current_version(session: AsyncSession, journey: Journey) -> JourneyVersion:
+    return (
+        await session.exec(
+            select(JourneyVersion)
+            .where(JourneyVersion.journey_id == journey.id)
+            .where(JourneyVersion.version == journey.current_version)
+        )
+    ).one()
+
+
+def cooling_down(document: JourneyDocument, latest: Enrollment) -> bool:
+    """Whether the journey's re-entry policy keeps a contact out, given its ended last run."""
+    if document.reentry == "never":
+        return True
+    if isinstance(document.reentry, ReentryAfter) and latest.ended_at is not None:
+        assert document.cooldown is not None
+        return utcnow() - latest.ended_at < document.cooldown
+    return False
+
+
+def new_enrollment_values(
+    journey: Journey,
+    version: JourneyVersion,
+    contact_id: uuid.UUID,
+    *,
+    run_key: str = "",
+    trigger: dict[str, Any] | None = None,
+    trigger_event_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """The columns of a new active enrollment row."""
+    return {
+        "id": uuid.uuid4(),
+        "journey_id": journey.id,
+        "journey_version_id": version.id,
+        "contact_id": contact_id,
+        "run_key": run_key,
+        "workflow_id": journey_workflow_id(journey.key, str(contact_id), run_key),
+        "status": EnrollmentStatus.active,
+        "trigger": trigger,
+        "trigger_event_id": trigger_event_id,
+        "started_at": utcnow(),
+    }
 
 
 async def enroll(
@@ -77,69 +154,46 @@ async def enroll(
     follows the journey's policy: ``never`` returns the earlier enrollment, ``after_exit``
     and ``{after: ...}`` start a new run once the last one ended (and cooled down).
     """
-    if journey.status not in (JourneyStatus.active, JourneyStatus.paused):
-        raise EnrollmentRefused(
-            f"journey {journey.key!r} is {journey.status}: "
-            + (
-                "publish it before enrolling"
-                if journey.status == JourneyStatus.draft
-                else "it takes no new contacts"
-            )
-        )
-    version = (
-        await session.exec(
-            select(JourneyVersion)
-            .where(JourneyVersion.journey_id == journey.id)
-            .where(JourneyVersion.version == journey.current_version)
-        )
-    ).one()
-    document = parse_journey(version.document)
+    refuse_closed(journey)
+    version = await current_version(session, journey)
+    document = parsed_version(version)
     latest = await _latest_enrollment(session, journey.id, contact.id, run_key)
     if latest is not None and latest.status == EnrollmentStatus.active:
         # Finish an earlier attempt that stored the row but may not have started the run.
         started_on = await session.get(JourneyVersion, latest.journey_version_id)
         assert started_on is not None
         await _start(
-            session, temporal, settings, journey, started_on, latest, trigger, trigger_signal,
+            session, temporal, settings, journey, started_on, latest, trigger_signal,
             reentry=False, contact=contact,
         )  # fmt: skip
         return latest, False
-    if latest is not None:
-        if document.reentry == "never":
-            return latest, False
-        if isinstance(document.reentry, ReentryAfter) and latest.ended_at is not None:
-            cooldown = document.cooldown
-            assert cooldown is not None
-            if utcnow() - latest.ended_at < cooldown:
-                return latest, False
+    if latest is not None and cooling_down(document, latest):
+        return latest, False
+    values = new_enrollment_values(
+        journey,
+        version,
+        contact.id,
+        run_key=run_key,
+        trigger=trigger,
+        trigger_event_id=uuid.UUID(trigger_signal.event_id) if trigger_signal else None,
+    )
     inserted = await session.exec(
-        insert(Enrollment)
-        .values(
-            id=uuid.uuid4(),
-            journey_id=journey.id,
-            journey_version_id=version.id,
-            contact_id=contact.id,
-            run_key=run_key,
-            workflow_id=journey_workflow_id(journey.key, str(contact.id), run_key),
-            status=EnrollmentStatus.active,
-            trigger=trigger,
-            trigger_event_id=uuid.UUID(trigger_signal.event_id) if trigger_signal else None,
-            started_at=utcnow(),
-        )
-        .on_conflict_do_nothing()
-        .returning(col(Enrollment.id))
+        insert(Enrollment).values(**values).on_conflict_do_nothing().returning(col(Enrollment.id))
     )
     created = inserted.first() is not None
     await session.commit()
-    current = await _latest_enrollment(session, journey.id, contact.id, run_key)
-    assert current is not None
-    if created:
-        await _start(
-            session, temporal, settings, journey, version, current, trigger, trigger_signal,
-            reentry=latest is not None, contact=contact,
-        )  # fmt: skip
-        await session.refresh(current)
-    return current, created
+    if not created:
+        # Another request enrolled this contact meanwhile; that one starts the run.
+        current = await _latest_enrollment(session, journey.id, contact.id, run_key)
+        assert current is not None
+        return current, False
+    # The row as written, not read back: nothing else changes it before the run starts.
+    current = Enrollment(**values)
+    await _start(
+        session, temporal, settings, journey, version, current, trigger_signal,
+        reentry=latest is not None, contact=contact,
+    )  # fmt: skip
+    return current, True
 
 
 async def _latest_enrollment(
@@ -163,20 +217,48 @@ async def _start(
     journey: Journey,
     version: JourneyVersion,
     enrollment: Enrollment,
-    trigger: dict[str, Any] | None,
     trigger_signal: EventSignal | None,
     *,
     reentry: bool,
     contact: Contact,
 ) -> None:
-    from workflows.journey import JourneyWorkflow
-
-    document = parse_journey(version.document)
+    """Start the enrollment's run and record its run id (on ``enrollment`` too)."""
     # The segments cost a query; only a journey whose conditions read them needs them.
-    if listening_of(document).segments:
+    if listening_of(parsed_version(version)).segments:
         view = await contact_snapshot(session, contact)
     else:
         view = snapshot(contact)
+    run_id = await start_run(
+        temporal, settings, journey, version, enrollment, view, trigger_signal, reentry=reentry
+    )
+    if enrollment.run_id is None and run_id:
+        # The same session as the caller's: a second connection per request could
+        # exhaust the pool under a burst of concurrent enrollments.
+        await session.exec(
+            update(Enrollment).where(col(Enrollment.id) == enrollment.id).values(run_id=run_id)
+        )
+        await session.commit()
+        enrollment.run_id = run_id
+
+
+async def start_run(
+    temporal: Client,
+    settings: Settings,
+    journey: Journey,
+    version: JourneyVersion,
+    enrollment: Enrollment,
+    view: ContactSnapshot,
+    trigger_signal: EventSignal | None,
+    *,
+    reentry: bool,
+) -> str | None:
+    """Start the enrollment's workflow with its stored trigger (or attach to its run when
+    that runs already); return the run id, or None when a run under that workflow id
+    already ended (the enrollment row says how). A re-entry waits for the previous run
+    under the same workflow id to close."""
+    from workflows.journey import JourneyWorkflow
+
+    document = parsed_version(version)
     attributes: list[SearchAttributePair[Any]] = [
         SearchAttributePair(SA_JOURNEY, journey.key),
         SearchAttributePair(SA_VERSION, version.version),
@@ -205,7 +287,7 @@ async def _start(
                     journey_version=version.version,
                     document=version.document,
                     contact_id=str(enrollment.contact_id),
-                    trigger=trigger,
+                    trigger=enrollment.trigger,
                     run_key=enrollment.run_key,
                     contact=view,
                     progress_search_attributes=settings.progress_search_attributes,
@@ -227,18 +309,10 @@ async def _start(
             )
         except WorkflowAlreadyStartedError:
             if not reentry:
-                return  # that run already ended; the enrollment row says how
+                return None
             await asyncio.sleep(0.1 * (attempt + 1))
             continue
-        run_id = handle.first_execution_run_id or handle.result_run_id
-        if enrollment.run_id is None and run_id:
-            # The same session as the caller's: a second connection per request could
-            # exhaust the pool under a burst of concurrent enrollments.
-            await session.exec(
-                update(Enrollment).where(col(Enrollment.id) == enrollment.id).values(run_id=run_id)
-            )
-            await session.commit()
-        return
+        return handle.first_execution_run_id or handle.result_run_id
     raise RuntimeError(f"the previous run of {enrollment.workflow_id} did not close in time")
 
 
@@ -294,8 +368,8 @@ async def start_unstarted(
         # written, longer ago than ``older_than``, and the API's own start may be racing
         # this one (attaching to it is right; failing on it would wait for it to close).
         await _start(
-            session, temporal, settings, journey, version, enrollment, enrollment.trigger,
-            trigger_signal, reentry=False, contact=contact,
+            session, temporal, settings, journey, version, enrollment, trigger_signal,
+            reentry=False, contact=contact,
         )  # fmt: skip
         await session.refresh(enrollment)
         if enrollment.run_id is None:

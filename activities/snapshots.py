@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlmodel import select
+import uuid
+
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from models.contracts import ContactSnapshot
@@ -36,3 +38,22 @@ async def contact_snapshot(session: AsyncSession, contact: Contact) -> ContactSn
     view = snapshot(contact)
     view.segments = list(keys)
     return view
+
+
+async def contact_snapshots(
+    session: AsyncSession, contacts: list[Contact], *, with_segments: bool
+) -> dict[uuid.UUID, ContactSnapshot]:
+    """``contact_snapshot`` for many contacts in one query (segments only when asked)."""
+    views = {contact.id: snapshot(contact) for contact in contacts}
+    if with_segments and views:
+        rows = (
+            await session.exec(
+                select(SegmentMember.contact_id, Segment.key)
+                .join(Segment, SegmentMember.segment_id == Segment.id)  # type: ignore[arg-type]
+                .where(col(SegmentMember.contact_id).in_(list(views)))
+                .order_by(Segment.key)
+            )
+        ).all()
+        for contact_id, key in rows:
+            views[contact_id].segments.append(key)
+    return views

@@ -22,6 +22,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.enrollments import current_version, new_enrollment_values
 from models.campaigns import BulkEnrollInput
 from models.contracts import journey_workflow_id
 from models.db import session_scope
@@ -431,3 +432,62 @@ async def test_bulk_enrollment_continues_as_new_carrying_its_progress(
         ).one()
     assert str(job.id) == result.job_id and job.status == "completed" and job.enrolled == 9
     assert await enrollment_counts(settings, key) == dict.fromkeys(members, 1)
+
+
+async def test_bulk_enrollment_chunk_counts_enrolled_already_erased_and_finishes_unstarted(
+    dev_env: WorkflowEnvironment, dev_api: httpx.AsyncClient, settings: Settings
+) -> None:
+    """One chunk holding every case the enrollment core knows: new contacts, contacts
+    already in the journey, an erased contact, and an enrollment row whose run never
+    started (its start is finished, not duplicated)."""
+    settings.bulk_enroll_page_size = 50
+    settings.bulk_enroll_concurrency = 4  # chunks of 16: the 12 contacts share one
+    key = await hold_journey(dev_api)
+    ids = await import_contacts(dev_api, settings, 12)
+    before, erased, unstarted, fresh = ids[:3], ids[3], ids[4], ids[5:]
+    for contact_id in before:
+        response = await dev_api.post(
+            f"/v1/journeys/{key}/enrollments", json={"contact_id": contact_id}
+        )
+        assert response.status_code == 201, response.text
+    # A row stored by an enrollment whose process died before starting the run.
+    async with session_scope(settings.database_url) as session:
+        journey = (await session.exec(select(Journey).where(Journey.key == key))).one()
+        version = await current_version(session, journey)
+        session.add(Enrollment(**new_enrollment_values(journey, version, uuid.UUID(unstarted))))
+    response = await dev_api.post(f"/v1/journeys/{key}/bulk-enrollments", json={"contact_ids": ids})
+    assert response.status_code == 202, response.text
+    # Erased after the job was accepted, before any worker took it.
+    assert (await dev_api.delete(f"/v1/contacts/{erased}")).status_code == 200
+    async with worker_for(dev_env, settings):
+        done = await wait_for_job(dev_api, response.json()["id"])
+        assert (done["enrolled"], done["already_enrolled"], done["skipped"]) == (7, 4, 1)
+        assert done["failed"] == 0 and done["done"] == 12
+        described = await dev_env.client.get_workflow_handle(
+            journey_workflow_id(key, unstarted, "")
+        ).describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+    counts = await enrollment_counts(settings, key)
+    assert counts == {c: 1 for c in [*before, unstarted, *fresh]}
+    async with session_scope(settings.database_url) as session:
+        rows = (
+            await session.exec(
+                select(Enrollment.contact_id, Enrollment.run_id, Enrollment.trigger).where(
+                    Enrollment.journey_id == journey.id
+                )
+            )
+        ).all()
+        ledger = (
+            await session.exec(
+                select(BulkEnrollmentItem.contact_id, BulkEnrollmentItem.outcome).where(
+                    BulkEnrollmentItem.job_id == uuid.UUID(response.json()["id"])
+                )
+            )
+        ).all()
+    assert all(run_id for _, run_id, _ in rows)  # every run started and recorded
+    job_trigger = {"bulk_enrollment": response.json()["id"]}
+    assert {str(c) for c, _, t in rows if t == job_trigger} == set(fresh)
+    outcomes = {str(c): o for c, o in ledger}
+    assert outcomes[erased] == "skipped" and outcomes[unstarted] == "already_enrolled"
+    assert {outcomes[c] for c in before} == {"already_enrolled"}
+    assert {outcomes[c] for c in fresh} == {"enrolled"}
