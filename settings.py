@@ -254,6 +254,14 @@ class Settings(BaseSettings):
         description="Journeys a bulk-enrollment page starts at once (workflow starts in "
         "flight; a chunk of four times as many shares one database connection).",
     )
+    bulk_enroll_max_backlog: int = Field(
+        default=200,
+        ge=0,
+        description="A bulk-enrollment page starts its next chunk only while the task "
+        "queue holds at most this many workflow tasks not yet taken by a worker, so a large "
+        "job runs at the workers' pace instead of queueing thousands of first tasks ahead of "
+        "every other journey's (0: no pacing).",
+    )
     broadcast_send_concurrency: int = Field(
         default=8,
         ge=1,

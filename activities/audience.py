@@ -248,12 +248,9 @@ async def refresh_segment(
     entering = sa.select(
         segment_id, _CONTACTS.c.id, sa.bindparam(None, now, type_=sa.DateTime(timezone=True))
     ).where(*_live(_CONTACTS, contact_ids), condition)
-    entered = await (await session.connection()).execute(
-        insert(_MEMBERS)
-        .from_select(["segment_id", "contact_id", "entered_at"], entering)
-        .on_conflict_do_nothing()
-        .returning(_MEMBERS.c.contact_id)
-    )
+    # Leavers first: the anti-join then runs on the members as they were (with their
+    # statistics), not on thousands of rows the insert below adds in this transaction, for
+    # which the planner has none (a new segment of 100,000 took minutes the other way).
     still_in = (
         sa.select(sa.literal(1))
         .select_from(_CONTACTS)
@@ -265,6 +262,12 @@ async def refresh_segment(
         leaving.append(_MEMBERS.c.contact_id == sa.any_(_ids_param(contact_ids)))
     exited = await (await session.connection()).execute(
         sa.delete(_MEMBERS).where(*leaving).returning(_MEMBERS.c.contact_id)
+    )
+    entered = await (await session.connection()).execute(
+        insert(_MEMBERS)
+        .from_select(["segment_id", "contact_id", "entered_at"], entering)
+        .on_conflict_do_nothing()
+        .returning(_MEMBERS.c.contact_id)
     )
     return list(entered.scalars().all()), list(exited.scalars().all())
 

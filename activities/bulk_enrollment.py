@@ -28,7 +28,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, select
 from temporalio import activity
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from activities.delivery import temporal_unavailable
 from activities.enrollments import (
@@ -179,8 +183,10 @@ class BulkEnrollmentActivities:
             contact_ids = list((await session.exec(query)).all())
         concurrency = max(1, input.concurrency)
         size = concurrency * CHUNK_PER_CONCURRENCY
+        done_upto = after
         for first in range(0, len(contact_ids), size):
             chunk = contact_ids[first : first + size]
+            await self._at_workers_pace(done_upto)
             # Shielded: a chunk whose enrollments began is finished and recorded even when
             # the page is cancelled meanwhile; contacts in later chunks stay pending.
             work = asyncio.ensure_future(self._enroll_chunk(job, chunk, concurrency))
@@ -189,7 +195,8 @@ class BulkEnrollmentActivities:
             except asyncio.CancelledError:
                 await asyncio.wait({work})
                 raise
-            activity.heartbeat(str(chunk[-1]))
+            done_upto = str(chunk[-1])
+            activity.heartbeat(done_upto)
         async with session_scope(self.database_url) as session:
             refreshed = await session.get(BulkEnrollmentJob, job_id)
             assert refreshed is not None
@@ -208,6 +215,36 @@ class BulkEnrollmentActivities:
                 done=pending is None,
                 progress=job_progress(refreshed, last),
             )
+
+    async def _at_workers_pace(self, done_upto: str | None) -> None:
+        """Wait while the journeys' task queue holds more than ``bulk_enroll_max_backlog``
+        workflow tasks no worker has taken yet (its approximate backlog, from Temporal).
+
+        Starting a run is cheaper than its first task: unpaced, a job of 100,000 queues
+        tens of thousands of first tasks, and every other journey's next step waits behind
+        them. A server that reports no statistics leaves the job unpaced."""
+        limit = self.settings.bulk_enroll_max_backlog
+        if limit <= 0:
+            return
+        client = activity.client()
+        request = DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=self.settings.task_queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+            report_stats=True,
+        )
+        pause = 0.05
+        while True:
+            try:
+                described = await client.workflow_service.describe_task_queue(request)
+            except RPCError as err:
+                log.debug("no task queue statistics (%s): bulk enrollment unpaced", err)
+                return
+            if described.stats.approximate_backlog_count <= limit:
+                return
+            activity.heartbeat(done_upto)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def _enroll_chunk(
         self, job: BulkEnrollmentJob, contact_ids: list[uuid.UUID], concurrency: int
@@ -299,7 +336,7 @@ class BulkEnrollmentActivities:
                 async with gate:
                     return await start_run(
                         temporal, self.settings, journey, started_on, enrollment,
-                        views[enrollment.contact_id], None, reentry=reentry,
+                        views[enrollment.contact_id], None, reentry=reentry, eager=True,
                     )  # fmt: skip
 
             results = await asyncio.gather(

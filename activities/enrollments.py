@@ -251,11 +251,14 @@ async def start_run(
     trigger_signal: EventSignal | None,
     *,
     reentry: bool,
+    eager: bool = False,
 ) -> str | None:
     """Start the enrollment's workflow with its stored trigger (or attach to its run when
     that runs already); return the run id, or None when a run under that workflow id
     already ended (the enrollment row says how). A re-entry waits for the previous run
-    under the same workflow id to close."""
+    under the same workflow id to close. ``eager``: called inside a worker through its own
+    client, so the server may hand the run's first task straight back to this worker
+    (eager workflow start) instead of through its task queue."""
     from workflows.journey import JourneyWorkflow
 
     document = parsed_version(version)
@@ -305,6 +308,7 @@ async def start_run(
                     f"Contact `{enrollment.contact_id}`, enrollment `{enrollment.id}`"
                     + (f", key `{enrollment.run_key}`" if enrollment.run_key else "")
                 ),
+                request_eager_start=eager and trigger_signal is None,
                 **options,
             )
         except WorkflowAlreadyStartedError:

@@ -164,16 +164,22 @@ class MessagingActivities:
                 MessageStatus.unconfirmed,
                 f"an earlier attempt may have reached {provider.name}; not sent again",
             )
-        # Read before the message is marked sending: a failure here (the database down)
-        # leaves it pending, provably not handed over, so the retry sends it.
+        # Read in the transaction that marks the message sending: a failure here (the
+        # database down) leaves it pending, provably not handed over, so the retry sends it.
         async with session_scope(self.database_url) as session:
             contact = await session.get(Contact, message.contact_id)
             template = (
                 await session.exec(select(Template).where(Template.key == input.template))
             ).first()
+            if contact is not None and template is not None and message.to_address:
+                await session.exec(
+                    update(Message)
+                    .where(col(Message.id) == message.id)
+                    .where(col(Message.status) == MessageStatus.pending)
+                    .values(status=MessageStatus.sending)
+                )
         if contact is None or template is None or not message.to_address:
             return await self._fail(message, "contact or template vanished before the send")
-        await self._set_status(message, MessageStatus.sending, MessageStatus.pending)
         context = render_context(
             snapshot(contact).__dict__,
             {

@@ -6,11 +6,12 @@ and never raises: marketers' data is incomplete and a send must not crash on it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import css_inline
-from jinja2 import ChainableUndefined, TemplateSyntaxError, nodes
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 
@@ -121,12 +122,18 @@ def render_context(
     return {"contact": merged, "journey": journey or {}, "trigger": trigger or {}}
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(source: str, html: bool) -> Template:
+    """A template's source compiled once per process (a journey sends the same few
+    templates to every contact; compiling is most of a render's cost)."""
+    return (_HTML if html else _PLAIN).from_string(source)
+
+
 def _render(source: str | None, context: dict[str, Any], *, html: bool) -> str | None:
     if source is None:
         return None
-    env = _HTML if html else _PLAIN
     try:
-        return env.from_string(source).render(context)
+        return _compiled(source, html).render(context)
     except Exception as err:
         raise TemplateError(f"template failed to render: {err}") from None
 

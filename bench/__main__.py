@@ -167,8 +167,27 @@ def print_report(report: dict[str, Any]) -> None:
             f"{'worker KiB per active journey':<36}{e['worker_kib_per_journey']:>12}"
             f"{e['baseline_kib_per_workflow']:>12}"
         )
+        print_cpu(report)
     if "segments" in report:
         segment_count.print_table(report["segments"])
+
+
+def print_cpu(report: dict[str, Any]) -> None:
+    """Where each figure's CPU went: ms per contact or event, by process, until idle."""
+    columns = [
+        ("enroll", report["enrollment"]["cpu_ms_per_contact"]),
+        ("bulk", report["bulk_enrollment"]["cpu_ms_per_contact"]),
+        ("ingest", report["ingestion"]["cpu_ms_per_event"]),
+    ]
+    print("\nCPU ms per contact or event, by process (until every process is idle):")
+    header = "".join(f"{f'{name} N':>10}{f'{name} raw':>11}" for name, _ in columns)
+    print(f"{'process':<18}{header}")
+    for process in columns[0][1]["nurture"]:
+        cells = "".join(
+            f"{figures['nurture'][process]:>10.2f}{figures['raw'][process]:>11.2f}"
+            for _, figures in columns
+        )
+        print(f"{process:<18}{cells}")
 
 
 async def main() -> None:

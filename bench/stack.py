@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import subprocess
@@ -53,6 +54,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """The process and every process under it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        queue.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU used by a process and its live descendants (a uvicorn master and its workers)."""
+    total = 0.0
+    for each in descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # ended meanwhile
+            total += cpu_seconds(each)
+    return total
+
+
+def temporal_server_pid() -> int:
+    """The dev server this process started (its child running ``server start-dev``)."""
+    for pid in descendants(os.getpid())[1:]:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"start-dev" in command:
+            return pid
+    raise RuntimeError("no Temporal dev server among this process's children")
+
+
 async def settle(pids: list[int], idle_share: float = 0.05, most_seconds: float = 120) -> None:
     """Wait until these processes are idle (each under ``idle_share`` of a CPU for a second):
     work a phase queued (first workflow tasks, sends) must not be charged to the next."""
@@ -75,8 +116,21 @@ class Stack:
     baseline_worker: subprocess.Popen[bytes]
     sendgrid_key: ec.EllipticCurvePrivateKey
 
+    api_pid: int = 0
+    server_pid: int = 0
+
     async def settle(self) -> None:
         await settle([self.worker.pid, self.baseline_worker.pid])
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the stack (and by this one)."""
+        return {
+            "temporal_server": cpu_seconds(self.server_pid),
+            "nurture_api": tree_cpu_seconds(self.api_pid),
+            "nurture_worker": cpu_seconds(self.worker.pid),
+            "baseline_worker": cpu_seconds(self.baseline_worker.pid),
+            "bench_client": cpu_seconds(os.getpid()),
+        }
 
 
 @asynccontextmanager
@@ -186,7 +240,10 @@ async def running_stack(
             ) as api,
             httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as hooks,
         ):
-            yield Stack(database_url, env.client, api, hooks, worker, baseline, key)
+            yield Stack(
+                database_url, env.client, api, hooks, worker, baseline, key,
+                api_pid=api_proc.pid, server_pid=temporal_server_pid(),
+            )  # fmt: skip
     finally:
         for proc in (api_proc, worker, baseline):
             _stop(proc)

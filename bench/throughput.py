@@ -49,6 +49,28 @@ JOURNEY = {
 PLAN = MinimalInput([wait("email_opened", days=30), act("email thanks"), END])
 
 
+class CpuTally:
+    """CPU each process of the stack used inside ``with`` blocks, summed over them."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.used: dict[str, float] = {}
+        self._at: dict[str, float] = {}
+
+    def __enter__(self) -> CpuTally:
+        self._at = self.stack.cpu()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for name, seconds in self.stack.cpu().items():
+            self.used[name] = self.used.get(name, 0.0) + seconds - self._at[name]
+
+    def per_item_ms(self, items: int) -> dict[str, float]:
+        shares = {name: round(1000 * s / items, 2) for name, s in self.used.items()}
+        shares["total"] = round(1000 * sum(self.used.values()) / items, 2)
+        return shares
+
+
 @dataclass
 class Side:
     """One side's runs (Nurture's or the baseline's), by contact email."""
@@ -109,14 +131,20 @@ async def enrollment(
         )
         baseline.workflow_ids[person[1]] = workflow_id
 
-    # In alternating rounds, so that the shared machine's load drifts over both alike.
+    # In alternating rounds, so that the shared machine's load drifts over both alike; each
+    # round waits for the workers to go idle, so neither side's first workflow tasks run in
+    # the other's timed window. CPU is counted until then: the whole start, on every process.
     raw_s = api_s = 0.0
+    cpu = {"raw": CpuTally(stack), "nurture": CpuTally(stack)}
     rounds = 4
     for r in range(rounds):
         part = people[r::rounds]
-        raw_s += await concurrently(part, start, concurrency)
-        api_s += await concurrently(part, enroll, concurrency)
-    await stack.settle()  # both workers have taken the first workflow task of every run
+        with cpu["raw"]:
+            raw_s += await concurrently(part, start, concurrency)
+            await stack.settle()
+        with cpu["nurture"]:
+            api_s += await concurrently(part, enroll, concurrency)
+            await stack.settle()
     rss_after = (rss_bytes(stack.worker.pid), rss_bytes(stack.baseline_worker.pid))
     n = len(people)
     return (
@@ -128,6 +156,7 @@ async def enrollment(
             "ratio": round(raw_s / api_s, 2),
             "worker_kib_per_journey": round((rss_after[0] - rss_before[0]) / n / 1024, 1),
             "baseline_kib_per_workflow": round((rss_after[1] - rss_before[1]) / n / 1024, 1),
+            "cpu_ms_per_contact": {side: tally.per_item_ms(n) for side, tally in cpu.items()},
         },
         nurture,
         baseline,
@@ -244,11 +273,13 @@ async def ingestion(
         handle = stack.client.get_workflow_handle(workflow_id)
         await handle.signal(MinimalJourneyWorkflow.event, "email_opened")
 
-    started = time.perf_counter()
-    await concurrently(raw_ids, raw_signal, concurrency)
-    await _wait_closed(stack, raw_ids)
-    raw_s = time.perf_counter() - started
-    await stack.settle()
+    cpu = {"raw": CpuTally(stack), "nurture": CpuTally(stack)}
+    with cpu["raw"]:
+        started = time.perf_counter()
+        await concurrently(raw_ids, raw_signal, concurrency)
+        await _wait_closed(stack, raw_ids)
+        raw_s = time.perf_counter() - started
+        await stack.settle()
 
     now = int(time.time())
     events = [
@@ -270,11 +301,13 @@ async def ingestion(
         )
         response.raise_for_status()
 
-    started = time.perf_counter()
-    await concurrently(batches, post, min(concurrency, len(batches)))
-    accepted_s = time.perf_counter() - started
-    await _wait_closed(stack, [nurture.workflow_ids[e] for e in emails])
-    api_s = time.perf_counter() - started
+    with cpu["nurture"]:
+        started = time.perf_counter()
+        await concurrently(batches, post, min(concurrency, len(batches)))
+        accepted_s = time.perf_counter() - started
+        await _wait_closed(stack, [nurture.workflow_ids[e] for e in emails])
+        api_s = time.perf_counter() - started
+        await stack.settle()
     n = len(emails)
     return {
         "events": n,
@@ -283,6 +316,7 @@ async def ingestion(
         "nurture_accepted_s": round(accepted_s, 2),
         "raw_per_s": round(n / raw_s, 1),
         "ratio": round(raw_s / api_s, 2),
+        "cpu_ms_per_event": {side: tally.per_item_ms(n) for side, tally in cpu.items()},
     }
 
 
@@ -305,7 +339,11 @@ async def bulk_enrollment(
             task_queue=BASELINE_QUEUE,
         )
 
-    raw_s = await concurrently(people, start, concurrency)
+    cpu = {"raw": CpuTally(stack), "nurture": CpuTally(stack)}
+    with cpu["raw"]:
+        raw_s = await concurrently(people, start, concurrency)
+        await stack.settle()
+    cpu["nurture"].__enter__()
     started = time.perf_counter()
     response = await stack.api.post(
         f"/v1/journeys/{copy['key']}/bulk-enrollments",
@@ -322,10 +360,12 @@ async def bulk_enrollment(
     if job["status"] != "completed" or job["enrolled"] != len(people):
         raise RuntimeError(f"bulk enrollment ended {job['status']}: {job}")
     await stack.settle()
+    cpu["nurture"].__exit__()
     n = len(people)
     return {
         "contacts": n,
         "nurture_per_s": round(n / bulk_s, 1),
         "raw_per_s": round(n / raw_s, 1),
         "ratio": round(raw_s / bulk_s, 2),
+        "cpu_ms_per_contact": {side: tally.per_item_ms(n) for side, tally in cpu.items()},
     }

@@ -491,3 +491,41 @@ async def test_bulk_enrollment_chunk_counts_enrolled_already_erased_and_finishes
     assert outcomes[erased] == "skipped" and outcomes[unstarted] == "already_enrolled"
     assert {outcomes[c] for c in before} == {"already_enrolled"}
     assert {outcomes[c] for c in fresh} == {"enrolled"}
+
+
+async def test_bulk_enrollment_waits_while_the_task_queue_has_a_backlog(
+    dev_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    """A page starts its next chunk only once the workers have taken all but
+    ``bulk_enroll_max_backlog`` of the queued workflow tasks."""
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.bulk_enrollment import BulkEnrollmentActivities
+    from bench.minimal import END, MinimalInput, MinimalJourneyWorkflow, minimal_act
+
+    settings.task_queue = f"paced-{uuid.uuid4().hex[:8]}"
+    settings.bulk_enroll_max_backlog = 3
+    for i in range(12):  # first tasks nobody takes yet
+        await dev_env.client.start_workflow(
+            MinimalJourneyWorkflow.run,
+            MinimalInput([END]),
+            id=f"{settings.task_queue}-{i}",
+            task_queue=settings.task_queue,
+        )
+    beats: list[Any] = []
+    env = ActivityEnvironment(client=dev_env.client)
+    env.on_heartbeat = lambda *details: beats.append(details)
+    paced = BulkEnrollmentActivities(settings)
+    waiting = asyncio.ensure_future(env.run(paced._at_workers_pace, "resume-here"))
+    await asyncio.sleep(2)
+    assert not waiting.done()  # 12 queued > 3
+    assert beats and beats[-1] == ("resume-here",)  # heartbeats keep the resume point
+    async with Worker(
+        dev_env.client,
+        task_queue=settings.task_queue,
+        workflows=[MinimalJourneyWorkflow],
+        activities=[minimal_act],
+    ):
+        await asyncio.wait_for(waiting, 60)  # the worker took them: the page goes on
+    settings.bulk_enroll_max_backlog = 0
+    await env.run(paced._at_workers_pace, None)  # 0: unpaced, returns at once
