@@ -188,6 +188,10 @@ def print_cpu(report: dict[str, Any]) -> None:
             for _, figures in columns
         )
         print(f"{process:<18}{cells}")
+    ratios = "".join(
+        f"{figures['raw']['total'] / figures['nurture']['total']:>21.2f}" for _, figures in columns
+    )
+    print(f"{'raw / Nurture':<18}{ratios}")
 
 
 async def main() -> None:
