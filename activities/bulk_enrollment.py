@@ -220,9 +220,10 @@ class BulkEnrollmentActivities:
         """Wait while the journeys' task queue holds more than ``bulk_enroll_max_backlog``
         workflow tasks no worker has taken yet (its approximate backlog, from Temporal).
 
-        Starting a run is cheaper than its first task: unpaced, a job of 100,000 queues
-        tens of thousands of first tasks, and every other journey's next step waits behind
-        them. A server that reports no statistics leaves the job unpaced."""
+        Starting a run is cheaper than its first task: unpaced, a job of 100,000 queued
+        first tasks faster than the worker took them, and every other journey's next step
+        (its own workflow's too) waited behind them. A server that reports no statistics
+        leaves the job unpaced."""
         limit = self.settings.bulk_enroll_max_backlog
         if limit <= 0:
             return

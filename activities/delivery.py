@@ -379,24 +379,44 @@ async def dispatch_contact_changes(
     return changes
 
 
+async def _running(
+    session: AsyncSession, contact_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[tuple[str, uuid.UUID, bool]]]:
+    """The active runs of these contacts, by contact: (workflow id, journey version id,
+    whether its run id is recorded), one query per chunk of contacts."""
+    running: dict[uuid.UUID, list[tuple[str, uuid.UUID, bool]]] = defaultdict(list)
+    for start in range(0, len(contact_ids), _CHUNK):
+        rows = await session.exec(
+            select(
+                Enrollment.contact_id,
+                Enrollment.workflow_id,
+                Enrollment.journey_version_id,
+                Enrollment.run_id,
+            )
+            .where(Enrollment.status == EnrollmentStatus.active)
+            .where(
+                col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
+            )
+        )
+        for contact_id, workflow_id, version_id, run_id in rows.all():
+            running[contact_id].append((workflow_id, version_id, run_id is not None))
+    return running
+
+
 async def _hearing_contact_changes(
     session: AsyncSession, contact_ids: Collection[uuid.UUID]
 ) -> list[uuid.UUID]:
     """Those of these contacts with a running journey that reads the profile between its
-    own reads: one query per chunk, so that a refresh changing 100,000 contacts costs no
-    per-contact queries for the many with no such journey."""
+    own reads, found without a query per contact (a refresh may change 100,000 contacts,
+    most with no such journey)."""
     wanted = list(contact_ids)
-    found: set[uuid.UUID] = set()
-    for start in range(0, len(wanted), _CHUNK):
-        rows = await session.exec(
-            select(Enrollment.contact_id, Enrollment.journey_version_id)
-            .where(Enrollment.status == EnrollmentStatus.active)
-            .where(col(Enrollment.contact_id) == sa.any_(_uuids(wanted[start : start + _CHUNK])))
-        )
-        for contact_id, version_id in rows.all():
-            if contact_id not in found and (await listening(session, version_id)).contact_changes:
-                found.add(contact_id)
-    return [contact_id for contact_id in wanted if contact_id in found]
+    running = await _running(session, wanted)
+    hearing = []
+    for contact_id in wanted:
+        versions = {version for _, version, _ in running.get(contact_id, [])}
+        if any([(await listening(session, v)).contact_changes for v in versions]):
+            hearing.append(contact_id)
+    return hearing
 
 
 async def deliver_events(
@@ -417,22 +437,7 @@ async def deliver_events(
             .with_for_update()
         )
     contact_ids = list({e.contact_id for e in events if e.contact_id is not None})
-    running: dict[uuid.UUID, list[tuple[str, uuid.UUID, bool]]] = defaultdict(list)
-    for start in range(0, len(contact_ids), _CHUNK):
-        rows = await session.exec(
-            select(
-                Enrollment.contact_id,
-                Enrollment.workflow_id,
-                Enrollment.journey_version_id,
-                Enrollment.run_id,
-            )
-            .where(Enrollment.status == EnrollmentStatus.active)
-            .where(
-                col(Enrollment.contact_id) == sa.any_(_uuids(contact_ids[start : start + _CHUNK]))
-            )
-        )
-        for contact_id, workflow_id, version_id, run_id in rows.all():
-            running[contact_id].append((workflow_id, version_id, run_id is not None))
+    running = await _running(session, contact_ids)
     hearing = {v: await listening(session, v) for runs in running.values() for _, v, _ in runs}
     by_contact: dict[uuid.UUID, list[Event]] = defaultdict(list)
     for event in events:
